@@ -1,0 +1,30 @@
+"""longlab: the long-context workbench for transformer language models.
+
+import longlab
+longlab.apply(model, "yarn:factor=4")   # extend
+longlab.describe(model)
+longlab.reset(model)
+longlab.methods()
+"""
+
+from longlab.errors import LonglabError, SpecError, UnsupportedModelError
+from longlab.models.bridge import SUPPORTED_FAMILIES, active_methods, apply, describe, is_applied, reset
+from longlab.spec import format_spec, methods, parse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "LonglabError",
+    "SpecError",
+    "UnsupportedModelError",
+    "__version__",
+    "active_methods",
+    "apply",
+    "describe",
+    "format_spec",
+    "is_applied",
+    "methods",
+    "parse",
+    "reset",
+]

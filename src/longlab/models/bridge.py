@@ -1,0 +1,220 @@
+"""``apply`` / ``reset`` / ``describe``: route a transformers model's attention through longlab.
+
+After ``apply`` each attention module of the model computes q, k, v with its own projections (and
+Qwen3's q/k norms), stores *unrotated* keys plus their positions in the cache, and calls the
+segmented kernel, which rotates q and k at the positions the active method assigns (DESIGN 2.1).
+The model's mask creation is switched to a registered "longlab" implementation that passes only the
+(B, keys) padding mask through, so no (L x L) mask is ever built.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from longlab.attention.kernel import segmented_attention
+from longlab.cache import positions as cached_positions
+from longlab.errors import LonglabError, UnsupportedModelError
+from longlab.method import Method
+from longlab.positions import FrequencyTable, PositionMethod, RopeConfig, ScalingMethod
+from longlab.positions.segments import Segment
+from longlab.spec import format_spec, parse
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+IMPLEMENTATION = "longlab"
+_ATTRIBUTE = "_longlab_patch"
+
+
+@dataclass
+class Patch:
+    """What ``apply`` installed on a model, and what ``reset`` needs to undo it."""
+
+    position: PositionMethod
+    scaling: ScalingMethod | None
+    rope: RopeConfig
+    previous_implementation: str
+    modules: list[torch.nn.Module] = field(default_factory=list)
+    _tables: dict[int, FrequencyTable] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[Method]:
+        return [m for m in (self.position, self.scaling) if m is not None]
+
+    def table(self, seq_len: int) -> FrequencyTable:
+        if seq_len not in self._tables:
+            if len(self._tables) > 8:
+                self._tables.clear()
+            self._tables[seq_len] = self.position.table(self.rope, seq_len)
+        return self._tables[seq_len]
+
+
+def _padding_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs: Any):
+    """Mask "implementation" for longlab: the boolean padding mask of the keys, or None."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:]
+
+
+def _not_patched(module, *args, **kwargs):
+    raise LonglabError(
+        f"{type(module).__name__} was asked for longlab attention but is not patched; call longlab.apply(model, ...)"
+    )
+
+
+AttentionInterface.register(IMPLEMENTATION, _not_patched)
+AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [
+        m
+        for m in model.modules()
+        if all(hasattr(m, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim"))
+    ]
+
+
+def _rope_config(model: torch.nn.Module) -> RopeConfig:
+    config = model.config
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("longlab needs RoPE on the whole head (partial_rotary_factor = 1)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+    if rotary is None:
+        raise UnsupportedModelError("the model has no rotary embedding module (rotary_emb)")
+    return RopeConfig(
+        head_dim=head_dim,
+        base=float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        original_length=int(params.get("original_max_position_embeddings") or config.max_position_embeddings),
+        native_inv_freq=rotary.original_inv_freq.detach().float().cpu().clone(),
+        native_attention_factor=float(rotary.attention_scaling),
+    )
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {family!r}; longlab supports the Llama family: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if getattr(config, "attention_dropout", 0.0):
+        raise UnsupportedModelError(
+            f"longlab's attention has no dropout; set config.attention_dropout = 0 (it is {config.attention_dropout})"
+        )
+
+
+def apply(model: torch.nn.Module, spec: str | Method = "none", **params: Any) -> torch.nn.Module:
+    """Make ``model`` compute attention with the method(s) in ``spec``; returns the model.
+
+    ``spec`` is a spec string (``"yarn:factor=4+logn"``) or a method object; keyword ``params`` set
+    parameters of the named method (``apply(model, "yarn", factor=4)``). Applying again replaces the
+    active methods.
+    """
+    _check_supported(model)
+    methods = parse(spec, **params)
+    rope = _rope_config(model)
+    resolved = [m.resolve(rope) for m in methods]
+    position = next((m for m in resolved if m.kind == "position"), None) or parse("none")[0]
+    scaling = next((m for m in resolved if m.kind == "scaling"), None)
+    if is_applied(model):
+        reset(model)
+    patch = Patch(position, scaling, rope, model.config._attn_implementation)
+    model.set_attn_implementation(IMPLEMENTATION)
+    for module in _attention_modules(model):
+        module._longlab_patch = patch
+        module.forward = types.MethodType(_attention_forward, module)
+        patch.modules.append(module)
+    setattr(model, _ATTRIBUTE, patch)
+    return model
+
+
+def is_applied(model: torch.nn.Module) -> bool:
+    return getattr(model, _ATTRIBUTE, None) is not None
+
+
+def reset(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``apply``: the model's own attention and RoPE again. Caches built while patched hold
+    unrotated keys and must not be reused."""
+    patch: Patch | None = getattr(model, _ATTRIBUTE, None)
+    if patch is None:
+        return model
+    for module in patch.modules:
+        del module.forward
+        del module._longlab_patch
+    model.set_attn_implementation(patch.previous_implementation)
+    delattr(model, _ATTRIBUTE)
+    return model
+
+
+def describe(model: torch.nn.Module) -> str:
+    """One line naming the active methods with all parameters, and the model's RoPE constants."""
+    patch: Patch | None = getattr(model, _ATTRIBUTE, None)
+    if patch is None:
+        return "longlab: not applied (the model uses its own attention)"
+    rope = patch.rope
+    return (
+        f"longlab: {format_spec(patch.methods)} on {type(model).__name__} "
+        f"({model.config.model_type}, {len(patch.modules)} attention layers, head_dim={rope.head_dim}, "
+        f"rope_theta={rope.base:g}, L_train={rope.original_length})"
+    )
+
+
+def active_methods(model: torch.nn.Module) -> list[Method]:
+    patch: Patch | None = getattr(model, _ATTRIBUTE, None)
+    return patch.methods if patch is not None else []
+
+
+def _segments(patch: Patch, module: torch.nn.Module) -> tuple[Segment, ...]:
+    segments = patch.position.segments()
+    window = getattr(module, "sliding_window", None)
+    if window:  # the layer's own sliding window (Mistral, Qwen2) bounds every segment
+        segments = tuple(s for s in (seg.clipped(window) for seg in segments) if s is not None)
+    return segments
+
+
+def _attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    patch: Patch = self._longlab_patch
+    batch, length, _ = hidden_states.shape
+    shape = (batch, length, -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(shape)
+    k = self.k_proj(hidden_states).view(shape)
+    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if hasattr(self, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        start = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        position_ids = torch.arange(start, start + length, device=hidden_states.device)[None]
+    q_pos = position_ids.expand(batch, length)
+    k_pos = q_pos
+    if past_key_values is not None:
+        k, v, k_pos = cached_positions.update(past_key_values, self.layer_idx, k, v, q_pos)
+
+    key_valid = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise LonglabError(
+                f"longlab takes a 2D padding mask (batch, keys); got a {attention_mask.dim()}D attention mask"
+            )
+        key_valid = attention_mask[:, -k.shape[2] :].bool()
+    if patch.scaling is not None:
+        q = q * patch.scaling.query_scale(q_pos)[:, None, :, None].to(q.dtype)
+    table = patch.table(int(q_pos.max()) + 1)
+    out = segmented_attention(q, k, v, q_pos, k_pos, _segments(patch, self), table, self.scaling, key_valid)
+    out = out.transpose(1, 2).reshape(batch, length, -1)
+    return self.o_proj(out), None

@@ -1,0 +1,23 @@
+"""Position methods: how a query-key pair learns its distance (DESIGN 2, 3.1, 3.2).
+
+Importing this package registers every method under its spec name.
+"""
+
+from longlab.positions import (  # noqa: F401  (imported to register the methods)
+    giraffe,
+    interpolation,
+    llama3,
+    lm_infinite,
+    logn,
+    longrope,
+    ntk,
+    plain,
+    rerope,
+    selfextend,
+    window,
+    yarn,
+)
+from longlab.positions.base import PositionMethod, ScalingMethod
+from longlab.positions.rope import FrequencyTable, RopeConfig
+
+__all__ = ["FrequencyTable", "PositionMethod", "RopeConfig", "ScalingMethod"]
