@@ -104,13 +104,19 @@ def _mask(q_pos, k_pos, key_valid, segment: Segment, dtype) -> tuple[torch.Tenso
     return mask[:, None], allowed.any(dim=-1)[:, None]
 
 
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32 (the flash op's lse dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class SegmentedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout):
         b, hq, tq, dim = q.shape
         offset = k.shape[2] - tq
-        acc = torch.zeros(b, hq, tq, dim, dtype=torch.float32)
-        lse = torch.full((b, hq, tq), -math.inf, dtype=torch.float32)
+        acc_dtype = _accumulator_dtype(q.dtype)
+        acc = torch.zeros(b, hq, tq, dim, dtype=acc_dtype)
+        lse = torch.full((b, hq, tq), -math.inf, dtype=acc_dtype)
         for segment in segments:
             for k0, k1, work in _pieces(layout, segment):
                 k_rot = _rotate(k[:, :, k0:k1], k_pos[:, k0:k1], segment.key_map, table)
@@ -128,7 +134,7 @@ class SegmentedAttention(torch.autograd.Function):
                         )  # fmt: skip
                         if seen is not None:  # fully masked rows come back as lse = 0
                             piece_lse = piece_lse.masked_fill(~seen, -math.inf)
-                        merge_into(acc[:, :, a:z], lse[:, :, a:z], out.float(), piece_lse)
+                        merge_into(acc[:, :, a:z], lse[:, :, a:z], out.to(acc_dtype), piece_lse)
         out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, q_pos, k_pos, key_valid, out, lse)
         ctx.plan = (segments, table, scale, layout, offset)
@@ -141,14 +147,15 @@ class SegmentedAttention(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         # Rows that saw no key have lse = -inf; +inf makes every probability exp(s - lse) zero.
         lse = lse.masked_fill(torch.isneginf(lse), math.inf)
-        dq = torch.zeros(q.shape, dtype=torch.float32)
-        dk = torch.zeros(k.shape, dtype=torch.float32)
-        dv = torch.zeros(v.shape, dtype=torch.float32)
+        acc_dtype = _accumulator_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc_dtype)
+        dk = torch.zeros(k.shape, dtype=acc_dtype)
+        dv = torch.zeros(v.shape, dtype=acc_dtype)
         for segment in segments:
             dq_rot = torch.zeros_like(dq)
             for k0, k1, work in _pieces(layout, segment):
                 k_rot = _rotate(k[:, :, k0:k1], k_pos[:, k0:k1], segment.key_map, table)
-                dk_rot = torch.zeros(k_rot.shape, dtype=torch.float32)
+                dk_rot = torch.zeros(k_rot.shape, dtype=acc_dtype)
                 for a, z, block_runs in work:
                     q_rot = _rotate(q[:, :, a:z], q_pos[:, a:z], segment.query_map, table)
                     for run in block_runs:

@@ -172,8 +172,11 @@ def active_methods(model: torch.nn.Module) -> list[Method]:
 
 def _segments(patch: Patch, module: torch.nn.Module) -> tuple[Segment, ...]:
     segments = patch.position.segments()
-    window = getattr(module, "sliding_window", None)
-    if window:  # the layer's own sliding window (Mistral, Qwen2) bounds every segment
+    # The layer's own sliding window bounds every segment: Qwen2/Qwen3 set it per layer, Mistral in the config.
+    window = (
+        module.sliding_window if hasattr(module, "sliding_window") else getattr(module.config, "sliding_window", None)
+    )
+    if window:
         segments = tuple(s for s in (seg.clipped(window) for seg in segments) if s is not None)
     return segments
 

@@ -16,7 +16,8 @@ from longlab.positions.segments import Constant, Segment
 class LMInfinite(PositionMethod):
     """LM-Infinite (Han et al., 2024, "LM-Infinite: Zero-Shot Extreme Length Generalization for Large
     Language Models", section 4): a Lambda-shaped mask -- every query sees the keys within ``band``
-    and the first ``n_global`` tokens; distances are capped at the training length L (min(i - j, L)).
+    and the first ``n_global`` tokens; the global tokens' distances are capped at the training length L
+    (min(i - j, L)), so a band at least as long as the input is plain RoPE.
     Defaults from the paper: band = L, n_global = 10.
     """
 
@@ -38,7 +39,8 @@ class LMInfinite(PositionMethod):
         band, cap = self.band, self.original_length
         parts = [Segment(0, band)]
         if self.n_global:
-            if band < cap:  # global keys nearer than the cap keep their true distance
+            if band < cap:  # global keys nearer than L keep their true distance
                 parts.append(Segment(band, cap, self.n_global))
+            # query at L, key at 0: the distance is exactly L
             parts.append(Segment(max(band, cap), math.inf, self.n_global, Constant(cap), Constant(0)))
         return tuple(parts)

@@ -53,9 +53,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def cos_sin(positions: torch.Tensor, table: FrequencyTable, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (B, 1, T, d) for positions (B, T), scaled by the attention factor.
 
-    The angle is computed in float32 exactly as transformers' rotary embedding does, then cast.
+    The angle is computed in float32 exactly as transformers' rotary embedding does (float64 for a
+    float64 model or table), then cast to ``dtype``.
     """
-    freqs = positions.float()[..., None] * table.inv_freq.to(positions.device)
+    precision = torch.float64 if torch.float64 in (dtype, table.inv_freq.dtype) else torch.float32
+    inv_freq = table.inv_freq.to(positions.device, precision)
+    freqs = positions.to(precision)[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
     cos = angles.cos() * table.attention_factor
     sin = angles.sin() * table.attention_factor
