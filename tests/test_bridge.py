@@ -180,7 +180,7 @@ def test_methods_lists_every_method_with_kind_and_parameters():
 
 def test_unsupported_architecture_names_supported_families():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(longlab.UnsupportedModelError, match="gpt2.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(longlab.UnsupportedModelError, match=r"gpt2.*llama, mistral, qwen2, qwen3"):
         longlab.apply(gpt2, "none")
 
 

@@ -104,5 +104,14 @@ def check_range(
         raise _fail(method, param, f"{kind} {allowed}", value)
 
 
+def check_order(method: str, low_name: str, low: float | None, high_name: str, high: float | None, strict: bool) -> None:
+    """Raise a SpecError naming both parameters unless low < high (or <= when not strict)."""
+    if low is None or high is None:
+        return
+    if low > high or (strict and low == high):
+        relation = "<" if strict else "<="
+        raise SpecError(f"{method}: parameter '{low_name}' must be {relation} '{high_name}', got {low!r} and {high!r}")
+
+
 def check_original_length(method: Method) -> None:
     check_range(method.name, "original_length", method.original_length, low=1, integer=True)

@@ -120,7 +120,7 @@ def parse(spec: str | Method | Sequence[Method], **overrides: Any) -> list[Metho
             raise SpecError("empty method spec; write e.g. 'none', 'yarn:factor=4' or 'yarn:factor=4+logn'")
         parts = [_split_part(p) for p in spec.split("+")]
         for key, value in overrides.items():
-            owners = [params for name, params in parts if key in field_types(method_class(name))]
+            owners = [params for name, params in parts if len(parts) == 1 or key in field_types(method_class(name))]
             if len(owners) != 1:
                 names = [name for name, _ in parts]
                 raise SpecError(f"keyword {key!r} matches {len(owners)} of the methods {names}; set it in the spec")

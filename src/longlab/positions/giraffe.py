@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longlab.errors import SpecError
-from longlab.method import check_original_length, check_range, register
+from longlab.method import check_order, check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import FrequencyTable, RopeConfig
 
@@ -52,8 +51,7 @@ class Truncation(PositionMethod):
         for param in ("low", "high", "rho"):
             check_range(self.name, param, getattr(self, param), low=0)
         check_original_length(self)
-        if self.low is not None and self.high is not None and self.low > self.high:
-            raise SpecError(f"{self.name}: parameter 'low' must be <= 'high', got low={self.low}, high={self.high}")
+        check_order(self.name, "low", self.low, "high", self.high, strict=False)
 
     def resolve(self, rope: RopeConfig) -> Truncation:
         resolved = super().resolve(rope)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longlab.method import check_original_length, check_range, register
+from longlab.method import check_order, check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import FrequencyTable, RopeConfig
 
@@ -30,8 +30,7 @@ class Llama3(PositionMethod):
         check_range(self.name, "factor", self.factor, low=0, low_open=True)
         check_range(self.name, "low_freq_factor", self.low_freq_factor, low=0, low_open=True)
         check_range(self.name, "high_freq_factor", self.high_freq_factor, low=0, low_open=True)
-        if self.high_freq_factor <= self.low_freq_factor:
-            check_range(self.name, "high_freq_factor", self.high_freq_factor, low=self.low_freq_factor, low_open=True)
+        check_order(self.name, "low_freq_factor", self.low_freq_factor, "high_freq_factor", self.high_freq_factor, True)
         check_original_length(self)
 
     def table(self, rope: RopeConfig, seq_len: int) -> FrequencyTable:
