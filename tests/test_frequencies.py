@@ -6,6 +6,7 @@ test_transformers_equivalence.py.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,8 +17,8 @@ from longlab.positions.rope import RopeConfig, base_inv_freq
 
 D, BASE, L = 64, 10000.0, 512
 ROPE = RopeConfig(D, BASE, L, base_inv_freq(D, BASE))
-I = torch.arange(D // 2, dtype=torch.float64)
-INV = BASE ** (-2 * I / D)
+INDEX = torch.arange(D // 2, dtype=torch.float64)
+INV = BASE ** (-2 * INDEX / D)
 
 
 def _table(spec: str, seq_len: int = L):
@@ -39,14 +40,14 @@ def test_linear_divides_by_factor():
 
 
 def test_ntk_raises_the_base():
-    _close(_table("ntk:factor=4"), (BASE * 4 ** (D / (D - 2))) ** (-2 * I / D))
+    _close(_table("ntk:factor=4"), (BASE * 4 ** (D / (D - 2))) ** (-2 * INDEX / D))
 
 
 @pytest.mark.parametrize("n", [100, L, 3 * L])
 def test_dynamic_ntk_follows_the_length(n):
     s = 2.0
     base = BASE * (s * max(n, L) / L - (s - 1)) ** (D / (D - 2))
-    _close(_table("dynamic_ntk:factor=2", n), base ** (-2 * I / D))
+    _close(_table("dynamic_ntk:factor=2", n), base ** (-2 * INDEX / D))
 
 
 def _yarn(s, beta_fast=32.0, beta_slow=1.0):
@@ -54,7 +55,7 @@ def _yarn(s, beta_fast=32.0, beta_slow=1.0):
         return D * math.log(L / (2 * math.pi * r)) / (2 * math.log(BASE))
 
     low, high = max(math.floor(dim(beta_fast)), 0), min(math.ceil(dim(beta_slow)), D - 1)
-    ramp = ((I - low) / (high - low)).clamp(0, 1)
+    ramp = ((INDEX - low) / (high - low)).clamp(0, 1)
     return INV / s * ramp + INV * (1 - ramp), 0.1 * math.log(s) + 1
 
 
@@ -88,8 +89,8 @@ def test_longrope_short_and_long_sets_and_attention_factor():
     long = [1.0 + 0.2 * i for i in range(D // 2)]
     method = parse("longrope", factor=4, short_factor=short, long_factor=long)[0].resolve(ROPE)
     factor = math.sqrt(1 + math.log(4) / math.log(L))
-    _close(method.table(ROPE, L), 1 / (torch.tensor(short, dtype=torch.float64) * BASE ** (2 * I / D)), factor)
-    _close(method.table(ROPE, L + 1), 1 / (torch.tensor(long, dtype=torch.float64) * BASE ** (2 * I / D)), factor)
+    _close(method.table(ROPE, L), 1 / (torch.tensor(short, dtype=torch.float64) * BASE ** (2 * INDEX / D)), factor)
+    _close(method.table(ROPE, L + 1), 1 / (torch.tensor(long, dtype=torch.float64) * BASE ** (2 * INDEX / D)), factor)
 
 
 def test_longrope_default_long_factors_follow_the_yarn_shape():
@@ -99,18 +100,18 @@ def test_longrope_default_long_factors_follow_the_yarn_shape():
 
 def test_longrope_reads_factors_file(tmp_path):
     path = tmp_path / "factors.json"
-    path.write_text('{"short_factor": %s, "long_factor": %s}' % ([1.0] * (D // 2), [2.0] * (D // 2)))
+    path.write_text(json.dumps({"short_factor": [1.0] * (D // 2), "long_factor": [2.0] * (D // 2)}))
     _close(_table(f"longrope:factor=2,factors={path}", 2 * L), INV / 2, math.sqrt(1 + math.log(2) / math.log(L)))
 
 
 def test_power_scaling():
-    _close(_table("power:power=0.5"), INV * (1 - 2 * I / D) ** 0.5)
+    _close(_table("power:power=0.5"), INV * (1 - 2 * INDEX / D) ** 0.5)
     _close(_table("power:power=0"), INV)
 
 
 def test_truncation_keeps_high_sets_middle_zeroes_low():
     a, b, rho = 1e-3, 2e-2, 5e-4
-    expected = torch.where(INV >= b, INV, torch.where(INV > a, torch.full_like(INV, rho), torch.zeros_like(INV)))
+    expected = torch.where(b <= INV, INV, torch.where(a < INV, torch.full_like(INV, rho), torch.zeros_like(INV)))
     _close(_table(f"truncation:low={a},high={b},rho={rho}"), expected)
     defaults = parse("truncation")[0].resolve(ROPE)
     assert defaults.high == pytest.approx(2 * math.pi / L) and defaults.low == pytest.approx(defaults.high / 8)

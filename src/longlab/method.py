@@ -104,7 +104,9 @@ def check_range(
         raise _fail(method, param, f"{kind} {allowed}", value)
 
 
-def check_order(method: str, low_name: str, low: float | None, high_name: str, high: float | None, strict: bool) -> None:
+def check_order(
+    method: str, low_name: str, low: float | None, high_name: str, high: float | None, strict: bool
+) -> None:
     """Raise a SpecError naming both parameters unless low < high (or <= when not strict)."""
     if low is None or high is None:
         return

@@ -117,6 +117,7 @@ class SegmentedAttention(torch.autograd.Function):
         acc_dtype = _accumulator_dtype(q.dtype)
         acc = torch.zeros(b, hq, tq, dim, dtype=acc_dtype)
         lse = torch.full((b, hq, tq), -math.inf, dtype=acc_dtype)
+        written: set[int] = set()  # blocks holding a piece already; the first piece is copied, not merged
         for segment in segments:
             for k0, k1, work in _pieces(layout, segment):
                 k_rot = _rotate(k[:, :, k0:k1], k_pos[:, k0:k1], segment.key_map, table)
@@ -134,7 +135,12 @@ class SegmentedAttention(torch.autograd.Function):
                         )  # fmt: skip
                         if seen is not None:  # fully masked rows come back as lse = 0
                             piece_lse = piece_lse.masked_fill(~seen, -math.inf)
-                        merge_into(acc[:, :, a:z], lse[:, :, a:z], out.to(acc_dtype), piece_lse)
+                        if a in written:
+                            merge_into(acc[:, :, a:z], lse[:, :, a:z], out.to(acc_dtype), piece_lse)
+                        else:
+                            acc[:, :, a:z] = out
+                            lse[:, :, a:z] = piece_lse
+                            written.add(a)
         out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, q_pos, k_pos, key_valid, out, lse)
         ctx.plan = (segments, table, scale, layout, offset)

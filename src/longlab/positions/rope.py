@@ -45,29 +45,33 @@ def base_inv_freq(head_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base**exponents)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def cos_sin(positions: torch.Tensor, table: FrequencyTable, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (B, 1, T, d) for positions (B, T), scaled by the attention factor.
+    """cos and sin of shape (B, 1, T, d/2) for positions (B, T), scaled by the attention factor.
 
     The angle is computed in float32 exactly as transformers' rotary embedding does (float64 for a
     float64 model or table), then cast to ``dtype``.
     """
     precision = torch.float64 if torch.float64 in (dtype, table.inv_freq.dtype) else torch.float32
     inv_freq = table.inv_freq.to(positions.device, precision)
-    freqs = positions.to(precision)[..., None] * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)
+    angles = positions.to(precision)[..., None] * inv_freq
     cos = angles.cos() * table.attention_factor
     sin = angles.sin() * table.attention_factor
     return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, table: FrequencyTable, inverse: bool = False) -> torch.Tensor:
-    """Rotate x (B, H, T, d) to positions (B, T). ``inverse`` applies the transpose (for gradients)."""
+    """Rotate x (B, H, T, d) to positions (B, T): channel pairs (i, i + d/2) turn by angle p * inv_freq_i.
+
+    Written half by half into one output (x1 c - x2 s, x2 c + x1 s), which equals transformers'
+    ``x * cos + rotate_half(x) * sin`` but moves less memory. ``inverse`` applies the transpose.
+    """
     cos, sin = cos_sin(positions, table, x.dtype)
     if inverse:
-        return x * cos - rotate_half(x) * sin
-    return x * cos + rotate_half(x) * sin
+        sin = -sin
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    first, second = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=first).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=second).addcmul_(x1, sin)
+    return out
