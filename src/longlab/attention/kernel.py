@@ -15,12 +15,13 @@ merged softmax (the FlashAttention-2 backward decomposition), then un-rotates dq
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from longlab.attention.merge import merge_into
-from longlab.attention.plan import CAUSAL, MASK, Layout, Run, classify, make_layout, runs
+from longlab.attention.plan import CAUSAL, MASK, Layout, classify, make_layout, runs
 from longlab.positions.rope import FrequencyTable, rotate
 from longlab.positions.segments import Constant, Segment
 
@@ -69,21 +70,51 @@ def _chunks(layout: Layout) -> list[tuple[int, int]]:
     return [(s, min(s + per_chunk, layout.n_tiles)) for s in range(0, layout.n_tiles, per_chunk)]
 
 
-def _pieces(layout: Layout, segment: Segment) -> Iterator[tuple[int, int, list[tuple[int, int, list[Run]]]]]:
-    """For each key chunk: (first key, last key + 1, [(block start, block stop, runs)])."""
+@dataclass(frozen=True)
+class _Call:
+    """One flash-attention call: query block [a, z), key run [start, stop) (``k_slice`` within the chunk)."""
+
+    a: int
+    z: int
+    start: int
+    stop: int
+    k_slice: slice
+    causal: bool
+    q_rot: torch.Tensor
+    mask: torch.Tensor | None
+    seen: torch.Tensor | None
+
+
+def _walk(q, k, q_pos, k_pos, key_valid, segment: Segment, table: FrequencyTable, layout: Layout):
+    """For each key chunk of a segment: (k0, k1, rotated keys, iterator of its calls).
+
+    Forward and backward replay exactly this walk; each key chunk is rotated once, each query block
+    once per chunk it reads.
+    """
     modes = classify(layout, segment)
     chunks = _chunks(layout)
     edges = torch.tensor([start for start, _ in chunks])
     per_block = [runs(layout, modes[i], edges) for i in range(layout.n_blocks)]
     for tile_start, tile_stop in chunks:
         k0, k1 = layout.tile(tile_start)[0], layout.tile(tile_stop - 1)[1]
-        work = []
-        for i, block_runs in enumerate(per_block):
-            inside = [r for r in block_runs if k0 <= r.start < k1]
-            if inside:
-                work.append((*layout.block(i), inside))
+        work = [(i, [r for r in block_runs if k0 <= r.start < k1]) for i, block_runs in enumerate(per_block)]
+        work = [(i, block_runs) for i, block_runs in work if block_runs]
         if work:
-            yield k0, k1, work
+            k_rot = _rotate(k[:, :, k0:k1], k_pos[:, k0:k1], segment.key_map, table)
+            yield k0, k1, k_rot, _calls(q, q_pos, k_pos, key_valid, segment, table, layout, work, k0)
+
+
+def _calls(q, q_pos, k_pos, key_valid, segment, table, layout, work, k0):
+    for i, block_runs in work:
+        a, z = layout.block(i)
+        q_rot = _rotate(q[:, :, a:z], q_pos[:, a:z], segment.query_map, table)
+        for run in block_runs:
+            mask = seen = None
+            if run.mode == MASK:
+                valid = key_valid[:, run.start : run.stop] if key_valid is not None else None
+                mask, seen = _mask(q_pos[:, a:z], k_pos[:, run.start : run.stop], valid, segment, q.dtype)
+            k_slice = slice(run.start - k0, run.stop - k0)
+            yield _Call(a, z, run.start, run.stop, k_slice, run.mode == CAUSAL, q_rot, mask, seen)
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor, segment_map, table: FrequencyTable, inverse=False):
@@ -113,43 +144,34 @@ class SegmentedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout):
         b, hq, tq, dim = q.shape
-        offset = k.shape[2] - tq
         acc_dtype = _accumulator_dtype(q.dtype)
         acc = torch.zeros(b, hq, tq, dim, dtype=acc_dtype)
         lse = torch.full((b, hq, tq), -math.inf, dtype=acc_dtype)
         written: set[int] = set()  # blocks holding a piece already; the first piece is copied, not merged
         for segment in segments:
-            for k0, k1, work in _pieces(layout, segment):
-                k_rot = _rotate(k[:, :, k0:k1], k_pos[:, k0:k1], segment.key_map, table)
-                for a, z, block_runs in work:
-                    q_rot = _rotate(q[:, :, a:z], q_pos[:, a:z], segment.query_map, table)
-                    for run in block_runs:
-                        r0, r1 = run.start - k0, run.stop - k0
-                        mask, seen = None, None
-                        if run.mode == MASK:
-                            valid = key_valid[:, run.start : run.stop] if key_valid is not None else None
-                            mask, seen = _mask(q_pos[:, a:z], k_pos[:, run.start : run.stop], valid, segment, q.dtype)
-                        out, piece_lse = _flash(
-                            q_rot, k_rot[:, :, r0:r1], v[:, :, run.start : run.stop], 0.0,
-                            run.mode == CAUSAL, attn_mask=mask, scale=scale,
-                        )  # fmt: skip
-                        if seen is not None:  # fully masked rows come back as lse = 0
-                            piece_lse = piece_lse.masked_fill(~seen, -math.inf)
-                        if a in written:
-                            merge_into(acc[:, :, a:z], lse[:, :, a:z], out.to(acc_dtype), piece_lse)
-                        else:
-                            acc[:, :, a:z] = out
-                            lse[:, :, a:z] = piece_lse
-                            written.add(a)
+            for _, _, k_rot, calls in _walk(q, k, q_pos, k_pos, key_valid, segment, table, layout):
+                for c in calls:
+                    out, piece_lse = _flash(
+                        c.q_rot, k_rot[:, :, c.k_slice], v[:, :, c.start : c.stop], 0.0, c.causal,
+                        attn_mask=c.mask, scale=scale,
+                    )  # fmt: skip
+                    if c.seen is not None:  # fully masked rows come back as lse = 0
+                        piece_lse = piece_lse.masked_fill(~c.seen, -math.inf)
+                    if c.a in written:
+                        merge_into(acc[:, :, c.a : c.z], lse[:, :, c.a : c.z], out.to(acc_dtype), piece_lse)
+                    else:
+                        acc[:, :, c.a : c.z] = out
+                        lse[:, :, c.a : c.z] = piece_lse
+                        written.add(c.a)
         out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, q_pos, k_pos, key_valid, out, lse)
-        ctx.plan = (segments, table, scale, layout, offset)
+        ctx.plan = (segments, table, scale, layout)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, q_pos, k_pos, key_valid, out, lse = ctx.saved_tensors
-        segments, table, scale, layout, _ = ctx.plan
+        segments, table, scale, layout = ctx.plan
         grad_out = grad_out.contiguous()
         # Rows that saw no key have lse = -inf; +inf makes every probability exp(s - lse) zero.
         lse = lse.masked_fill(torch.isneginf(lse), math.inf)
@@ -159,24 +181,16 @@ class SegmentedAttention(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=acc_dtype)
         for segment in segments:
             dq_rot = torch.zeros_like(dq)
-            for k0, k1, work in _pieces(layout, segment):
-                k_rot = _rotate(k[:, :, k0:k1], k_pos[:, k0:k1], segment.key_map, table)
+            for k0, k1, k_rot, calls in _walk(q, k, q_pos, k_pos, key_valid, segment, table, layout):
                 dk_rot = torch.zeros(k_rot.shape, dtype=acc_dtype)
-                for a, z, block_runs in work:
-                    q_rot = _rotate(q[:, :, a:z], q_pos[:, a:z], segment.query_map, table)
-                    for run in block_runs:
-                        r0, r1 = run.start - k0, run.stop - k0
-                        mask = None
-                        if run.mode == MASK:
-                            valid = key_valid[:, run.start : run.stop] if key_valid is not None else None
-                            mask, _ = _mask(q_pos[:, a:z], k_pos[:, run.start : run.stop], valid, segment, q.dtype)
-                        gq, gk, gv = _flash_backward(
-                            grad_out[:, :, a:z], q_rot, k_rot[:, :, r0:r1], v[:, :, run.start : run.stop],
-                            out[:, :, a:z], lse[:, :, a:z], 0.0, run.mode == CAUSAL, attn_mask=mask, scale=scale,
-                        )  # fmt: skip
-                        dq_rot[:, :, a:z] += gq
-                        dk_rot[:, :, r0:r1] += gk
-                        dv[:, :, run.start : run.stop] += gv
+                for c in calls:
+                    gq, gk, gv = _flash_backward(
+                        grad_out[:, :, c.a : c.z], c.q_rot, k_rot[:, :, c.k_slice], v[:, :, c.start : c.stop],
+                        out[:, :, c.a : c.z], lse[:, :, c.a : c.z], 0.0, c.causal, attn_mask=c.mask, scale=scale,
+                    )  # fmt: skip
+                    dq_rot[:, :, c.a : c.z] += gq
+                    dk_rot[:, :, c.k_slice] += gk
+                    dv[:, :, c.start : c.stop] += gv
                 dk[:, :, k0:k1] += _rotate(dk_rot, k_pos[:, k0:k1], segment.key_map, table, inverse=True)
             dq += _rotate(dq_rot, q_pos, segment.query_map, table, inverse=True)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
