@@ -9,6 +9,7 @@ longlab.methods()
 
 from longlab.errors import LonglabError, SpecError, UnsupportedModelError
 from longlab.models.bridge import SUPPORTED_FAMILIES, active_methods, apply, describe, is_applied, reset
+from longlab.models.bundled import load, model_path
 from longlab.spec import format_spec, methods, parse
 
 __version__ = "0.1.0"
@@ -24,7 +25,9 @@ __all__ = [
     "describe",
     "format_spec",
     "is_applied",
+    "load",
     "methods",
+    "model_path",
     "parse",
     "reset",
 ]

@@ -7,6 +7,7 @@ import json
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 from longlab.errors import LonglabError
 from longlab.spec import format_spec, methods, parse
@@ -30,6 +31,33 @@ def _check(args: argparse.Namespace) -> None:
     print(format_spec(parse(args.spec)))
 
 
+def _corpus(args: argparse.Namespace) -> None:
+    from longlab.models.corpus import build_corpus
+
+    manifest = build_corpus(Path(args.out))
+    counts = {s: sum(d["split"] == s for d in manifest["documents"]) for s in manifest["totals"]}
+    for split, chars in manifest["totals"].items():
+        print(f"{split:<11} {counts[split]:>4} documents {chars:>10,} characters")
+    print(f"wrote {args.out}/{{train,validation,test}}.jsonl and manifest.json (Python {manifest['python']})")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from longlab.models.bundled import load
+    from longlab.models.report import evaluate
+    from longlab.models.train import Recipe, train
+
+    recipe = Recipe(steps=args.steps) if args.steps else Recipe()
+    out = Path(args.out)
+    final = train(out, recipe, threads=args.threads)
+    model, tokenizer = load(final)
+    results = evaluate(model, tokenizer, out / "corpus", samples=args.samples)
+    (final / "eval.json").write_text(json.dumps(results, indent=1))
+    print(f"validation loss {results['validation']['loss']:.4f} (perplexity {results['validation']['perplexity']:.2f})")
+    for task in ("passkey", "niah_single"):
+        print(f"{task}: " + ", ".join(f"{length}: {acc:.0%}" for length, acc in results[task].items()))
+    print(f"checkpoint: {final}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longlab", description="The long-context workbench for transformer LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("spec", help="e.g. 'yarn:factor=4+logn'")
     check.set_defaults(run=_check)
+    corpus = commands.add_parser("corpus", help="build the bundled model's train/validation/test text")
+    corpus.add_argument("--out", default="runs/corpus", help="output folder (default: runs/corpus)")
+    corpus.set_defaults(run=_corpus)
+    trainer = commands.add_parser(
+        "train", help="train the bundled model from scratch (resumes an interrupted run in the same --out)"
+    )
+    trainer.add_argument("--out", default="runs/tiny", help="run folder (default: runs/tiny)")
+    trainer.add_argument("--steps", type=int, help="optimizer steps (default: the bundled recipe's 2400)")
+    trainer.add_argument("--samples", type=int, default=50, help="samples per length in the final evaluation")
+    trainer.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    trainer.set_defaults(run=_train)
     return parser
 
 

@@ -1,0 +1,198 @@
+"""Generators of synthetic long-context samples, shared by training and evaluation.
+
+Formats follow DESIGN 3.4 exactly (the passkey format of Landmark Attention, Mohtashami & Jaggi,
+2023; RULER's needle templates, Hsieh et al., 2024). Every generator takes the model's tokenizer and
+a length in *tokens*, template and generation budget included, and a ``random.Random`` so the same
+seed gives the same prompt on any machine with the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+import string
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+
+PASSKEY_TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+NIAH_NEEDLE = "One of the special magic {type} for {key} is: {value}."
+NIAH_TEMPLATE = (
+    "Some special magic {type} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {type} afterwards.\n{context}\n"
+    "What are all the special magic {type} for {query} mentioned in the provided text?"
+)
+NIAH_ANSWER_PREFIX = " The special magic {type} for {query} mentioned in the provided text are"
+NIAH_TEMPLATE_SINGULAR = (
+    "A special magic {type} is hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {type} afterwards.\n{context}\n"
+    "What is the special magic {type} for {query} mentioned in the provided text?"
+)
+NIAH_ANSWER_PREFIX_SINGULAR = " The special magic {type} for {query} mentioned in the provided text is"
+SINGULAR = {"numbers": "number", "uuids": "uuid", "words": "word"}
+
+VT_TEMPLATE = (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+    "Question: Find all variables that are assigned the value {query} in the text above."
+)
+VT_ANSWER_PREFIX = (
+    " Answer: According to the chain(s) of variable assignment in the text above, {count} variables are "
+    "assgined the value {query}, they are: "
+)  # "assgined" is RULER's spelling, kept so scores compare across tools
+
+CWE_TEMPLATE = (
+    "Below is a numbered list of words. In these words, some appear more often than others. "
+    "Memorize the ones that appear most often.\n{context}\n"
+    "Question: What are the {count} most common words in the above list?"
+)
+CWE_ANSWER_PREFIX = " Answer: The top {count} words that appear most often in the list are:"
+
+
+@dataclass
+class Sample:
+    """One prompt, the strings a correct answer contains, and what describes it."""
+
+    prompt: str
+    answers: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+@functools.cache
+def word_list(kind: str) -> tuple[str, ...]:
+    """wonderwords' bundled lists ('noun', 'adjective', 'verb'), single lowercase words only."""
+    text = resources.files("wonderwords.assets").joinpath(f"{kind}list.txt").read_text()
+    return tuple(sorted({w for w in text.split() if w.isalpha() and w.islower()}))
+
+
+def random_key(rng: random.Random) -> str:
+    """A RULER-style key: adjective-noun."""
+    return f"{rng.choice(word_list('adjective'))}-{rng.choice(word_list('noun'))}"
+
+
+def random_value(rng: random.Random, kind: str) -> str:
+    if kind == "numbers":
+        return str(rng.randint(10**6, 10**7 - 1))
+    if kind == "uuids":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    if kind == "words":
+        return rng.choice(word_list("noun"))
+    raise ValueError(f"value kind must be numbers, uuids or words, got {kind!r}")
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit(tokenizer, build: Callable[[int], str], budget: int) -> tuple[str, int]:
+    """The text ``build(n)`` with the largest number n of filler units whose token count is <= budget.
+
+    Token counts of repeated filler are close to linear in n, so a linear estimate plus a short
+    correction finds n with a few tokenizations instead of a search.
+    """
+    base, one = _count(tokenizer, build(0)), _count(tokenizer, build(1))
+    if base > budget:
+        raise ValueError(f"a length of {budget} tokens cannot hold even the template ({base} tokens)")
+    per_unit = max(one - base, 1)
+    n = max((budget - base) // per_unit, 0)
+    text = build(n)
+    while n > 0 and _count(tokenizer, text) > budget:
+        n -= max(1, (_count(tokenizer, text) - budget) // per_unit)
+        n = max(n, 0)
+        text = build(n)
+    return text, n
+
+
+def _depth(rng: random.Random, depth: float | None) -> float:
+    return rng.random() if depth is None else depth
+
+
+def passkey(
+    tokenizer, length: int, rng: random.Random, digits: int = 5, depth: float | None = None, answer_tokens: int = 8
+) -> Sample:
+    """Landmark-format passkey retrieval: the key hidden at ``depth`` (0 = start, 1 = end) of filler."""
+    key = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    depth = _depth(rng, depth)
+
+    def build(n: int) -> str:
+        before = round(n * depth)
+        parts = [PASSKEY_TASK, " ".join([NOISE] * before), PASSKEY_NEEDLE.format(key=key)]
+        return "\n".join([*parts, " ".join([NOISE] * (n - before)), PASSKEY_QUESTION])
+
+    prompt, _ = fit(tokenizer, build, length - answer_tokens)
+    return Sample(prompt, [key], {"task": "passkey", "length": length, "depth": depth})
+
+
+def niah_single(
+    tokenizer,
+    length: int,
+    rng: random.Random,
+    value_kind: str = "numbers",
+    depth: float | None = None,
+    answer_tokens: int = 24,
+) -> Sample:
+    """RULER niah_single_1: one key-value needle in the noise haystack, singular wording."""
+    key, value = random_key(rng), random_value(rng, value_kind)
+    kind = SINGULAR[value_kind]
+    depth = _depth(rng, depth)
+    needle = NIAH_NEEDLE.format(type=value_kind, key=key, value=value)
+
+    def build(n: int) -> str:
+        before = round(n * depth)
+        context = " ".join([NOISE] * before + [needle] + [NOISE] * (n - before))
+        return NIAH_TEMPLATE_SINGULAR.format(type=kind, context=context, query=key)
+
+    text, _ = fit(tokenizer, build, length - answer_tokens)
+    prompt = text + NIAH_ANSWER_PREFIX_SINGULAR.format(type=kind, query=key)
+    return Sample(prompt, [value], {"task": "niah_single", "length": length, "depth": depth})
+
+
+def _variable(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+
+
+def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 4, answer_tokens: int = 40) -> Sample:
+    """RULER vt: one chain VAR A = value, VAR B = VAR A, ... spread through the noise haystack."""
+    value = str(rng.randint(10**4, 10**5 - 1))
+    names = [_variable(rng) for _ in range(hops + 1)]
+    lines = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
+    cuts = sorted(rng.random() for _ in lines)
+
+    def build(n: int) -> str:
+        pieces, previous = [], 0
+        for cut, line in zip(cuts, lines, strict=True):
+            at = round(n * cut)
+            pieces += [NOISE] * (at - previous) + [line]
+            previous = at
+        context = " ".join(pieces + [NOISE] * (n - previous))
+        return VT_TEMPLATE.format(context=context, query=value)
+
+    text, _ = fit(tokenizer, build, length - answer_tokens)
+    prompt = text + VT_ANSWER_PREFIX.format(count=len(names), query=value)
+    return Sample(prompt, names, {"task": "vt", "length": length})
+
+
+def common_words(
+    tokenizer, length: int, rng: random.Random, top: int = 3, repeats: int = 6, answer_tokens: int = 24
+) -> Sample:
+    """RULER cwe (scaled down): a numbered word list where ``top`` words appear ``repeats`` times."""
+    vocabulary = list(word_list("noun"))
+    rng.shuffle(vocabulary)
+    common, rare_pool = vocabulary[:top], vocabulary[top:]
+    order_seed = rng.getrandbits(32)
+
+    def build(n: int) -> str:
+        words = [w for w in common for _ in range(repeats)] + rare_pool[:n]
+        order = random.Random(order_seed + n).sample(words, len(words))
+        return CWE_TEMPLATE.format(context="\n".join(f"{i + 1}. {w}" for i, w in enumerate(order)), count=top)
+
+    text, _ = fit(tokenizer, build, length - answer_tokens)
+    return Sample(text + CWE_ANSWER_PREFIX.format(count=top), common, {"task": "cwe", "length": length})

@@ -1,0 +1,41 @@
+"""The model longlab ships: ``longlab.load("tiny")`` and ``longlab.model_path("tiny")``.
+
+The files are a plain Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json), so
+``AutoModelForCausalLM.from_pretrained(longlab.model_path("tiny"))`` works without longlab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from longlab.errors import LonglabError
+
+BUNDLED = {"tiny": Path(__file__).parent / "tiny"}
+
+
+def model_path(name: str = "tiny") -> Path:
+    """Folder of a bundled model."""
+    if name not in BUNDLED:
+        raise LonglabError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+    path = BUNDLED[name]
+    if not (path / "config.json").exists():
+        raise LonglabError(f"bundled model {name!r} is missing its files at {path}; reinstall longlab")
+    return path
+
+
+def load(
+    name_or_path: str | Path = "tiny", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` for a bundled model name or a local checkpoint folder, in eval mode."""
+    path = Path(name_or_path)
+    if str(name_or_path) in BUNDLED:
+        path = model_path(str(name_or_path))
+    elif not (path / "config.json").exists():
+        raise LonglabError(
+            f"{str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a folder with config.json"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(path)
