@@ -42,20 +42,53 @@ def _corpus(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from longlab.models.bundled import load
-    from longlab.models.report import evaluate
+    from longlab.models.report import finish
     from longlab.models.train import Recipe, train
 
     recipe = Recipe(steps=args.steps) if args.steps else Recipe()
     out = Path(args.out)
     final = train(out, recipe, threads=args.threads)
-    model, tokenizer = load(final)
-    results = evaluate(model, tokenizer, out / "corpus", samples=args.samples)
-    (final / "eval.json").write_text(json.dumps(results, indent=1))
+    results = finish(out, recipe, samples=args.samples)
     print(f"validation loss {results['validation']['loss']:.4f} (perplexity {results['validation']['perplexity']:.2f})")
     for task in ("passkey", "niah_single"):
         print(f"{task}: " + ", ".join(f"{length}: {acc:.0%}" for length, acc in results[task].items()))
-    print(f"checkpoint: {final}")
+    print(f"checkpoint and model card: {final}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from longlab.eval.runner import DEFAULT_METHODS, DEFAULT_TASKS, EvalConfig, parse_length, run
+
+    config = EvalConfig(
+        model=args.model,
+        methods=args.method or list(DEFAULT_METHODS),
+        tasks=args.task or list(DEFAULT_TASKS),
+        lengths=[parse_length(x) for x in args.lengths.split(",")] if args.lengths else None,
+        samples=args.samples,
+        seed=args.seed,
+        out=args.out,
+        chat=args.chat,
+        batch_size=args.batch_size,
+        allow_beyond_reach=args.allow_beyond_reach,
+    )
+    out = run(config)
+    print(f"report: {out / 'report.md'}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from longlab.eval.report import write_report
+
+    print(f"report: {write_report(Path(args.folder))}")
+
+
+def _tasks(args: argparse.Namespace) -> None:
+    from longlab.eval.ruler import TASKS as RULER_TASKS
+    from longlab.eval.tasks import describe_tasks
+
+    for task in describe_tasks():
+        params = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in task["parameters"].items())
+        print(f"{task['name']:<8} {params or 'no parameters'}")
+        print(textwrap.fill(task["summary"], 110, initial_indent=" " * 9, subsequent_indent=" " * 9))
+    print(f"\nruler subtasks: {', '.join(RULER_TASKS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--samples", type=int, default=50, help="samples per length in the final evaluation")
     trainer.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     trainer.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="run methods x tasks x lengths on a model and write a report (default: the bundled model)"
+    )
+    evaluate.add_argument("--model", default="tiny", help="a bundled model name or a local checkpoint folder")
+    evaluate.add_argument("--method", action="append", help="a method spec; repeat for several (default: six)")
+    evaluate.add_argument("--task", action="append", help="a task spec; repeat (default: passkey, niah, ppl)")
+    evaluate.add_argument("--lengths", help="comma-separated token counts, e.g. 512,1k,2k (default: L, 2L, 4L)")
+    evaluate.add_argument("--samples", type=int, help="samples per cell (default: each task's own)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", default="runs/eval", help="output folder; rerunning resumes (default: runs/eval)")
+    evaluate.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="samples per generate() call, left-padded")
+    evaluate.add_argument(
+        "--allow-beyond-reach", action="store_true", help="measure lengths past a method's designed reach"
+    )
+    evaluate.set_defaults(run=_eval)
+    report = commands.add_parser("report", help="rebuild a report from an eval folder's results.jsonl")
+    report.add_argument("folder")
+    report.set_defaults(run=_report)
+    tasks = commands.add_parser("tasks", help="list evaluation tasks and their parameters")
+    tasks.set_defaults(run=_tasks)
     return parser
 
 

@@ -21,7 +21,7 @@ from longlab.method import KINDS, REGISTRY, Method, field_types
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
-def _closest(word: str, choices: Sequence[str]) -> str:
+def closest(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
@@ -31,7 +31,7 @@ def method_class(name: str) -> type[Method]:
         return REGISTRY[name]
     except KeyError:
         known = sorted(REGISTRY)
-        raise SpecError(f"unknown method {name!r}{_closest(name, known)} Known methods: {', '.join(known)}") from None
+        raise SpecError(f"unknown method {name!r}{closest(name, known)} Known methods: {', '.join(known)}") from None
 
 
 def _options(annotation: Any) -> tuple[Any, ...]:
@@ -40,7 +40,7 @@ def _options(annotation: Any) -> tuple[Any, ...]:
     return tuple(t for t in options if t is not type(None))
 
 
-def _convert(method: str, param: str, annotation: Any, text: str) -> Any:
+def convert(method: str, param: str, annotation: Any, text: str) -> Any:
     target = _options(annotation)[0]
     lowered = text.strip().lower()
     try:
@@ -72,10 +72,10 @@ def build(name: str, params: dict[str, Any]) -> Method:
         if key not in types_:
             allowed = ", ".join(types_) or "none"
             raise SpecError(
-                f"method {name!r} has no parameter {key!r}{_closest(key, list(types_))} Its parameters: {allowed}"
+                f"method {name!r} has no parameter {key!r}{closest(key, list(types_))} Its parameters: {allowed}"
             )
         if isinstance(value, str):
-            value = _convert(name, key, types_[key], value)
+            value = convert(name, key, types_[key], value)
         elif isinstance(value, int) and not isinstance(value, bool) and float in _options(types_[key]):
             value = float(value)
         elif isinstance(value, list):
@@ -91,7 +91,7 @@ def _required(field: dataclasses.Field) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
-def _split_part(part: str) -> tuple[str, dict[str, str]]:
+def split_part(part: str) -> tuple[str, dict[str, str]]:
     name, _, rest = part.partition(":")
     name = name.strip()
     if not name:
@@ -118,7 +118,7 @@ def parse(spec: str | Method | Sequence[Method], **overrides: Any) -> list[Metho
     elif isinstance(spec, str):
         if not spec.strip():
             raise SpecError("empty method spec; write e.g. 'none', 'yarn:factor=4' or 'yarn:factor=4+logn'")
-        parts = [_split_part(p) for p in spec.split("+")]
+        parts = [split_part(p) for p in spec.split("+")]
         for key, value in overrides.items():
             owners = [params for name, params in parts if len(parts) == 1 or key in field_types(method_class(name))]
             if len(owners) != 1:

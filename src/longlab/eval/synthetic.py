@@ -95,20 +95,24 @@ def _count(tokenizer, text: str) -> int:
 def fit(tokenizer, build: Callable[[int], str], budget: int) -> tuple[str, int]:
     """The text ``build(n)`` with the largest number n of filler units whose token count is <= budget.
 
-    Token counts of repeated filler are close to linear in n, so a linear estimate plus a short
-    correction finds n with a few tokenizations instead of a search.
+    Token counts grow with n (not always evenly: prose sentences differ in length), so a linear
+    estimate brackets n and a bisection settles it in a few tokenizations.
     """
     base, one = _count(tokenizer, build(0)), _count(tokenizer, build(1))
     if base > budget:
         raise ValueError(f"a length of {budget} tokens cannot hold even the template ({base} tokens)")
-    per_unit = max(one - base, 1)
-    n = max((budget - base) // per_unit, 0)
-    text = build(n)
-    while n > 0 and _count(tokenizer, text) > budget:
-        n -= max(1, (_count(tokenizer, text) - budget) // per_unit)
-        n = max(n, 0)
-        text = build(n)
-    return text, n
+    if one > budget:
+        return build(0), 0
+    low, high = 1, max(2, 2 * (budget - base) // max(one - base, 1) + 2)
+    while _count(tokenizer, build(high)) <= budget:  # make sure `high` is past the budget
+        low, high = high, high * 2
+    while high - low > 1:  # invariant: build(low) fits, build(high) does not
+        middle = (low + high) // 2
+        if _count(tokenizer, build(middle)) <= budget:
+            low = middle
+        else:
+            high = middle
+    return build(low), low
 
 
 def _depth(rng: random.Random, depth: float | None) -> float:
@@ -148,11 +152,53 @@ def niah_single(
     def build(n: int) -> str:
         before = round(n * depth)
         context = " ".join([NOISE] * before + [needle] + [NOISE] * (n - before))
-        return NIAH_TEMPLATE_SINGULAR.format(type=kind, context=context, query=key)
+        prompt = NIAH_TEMPLATE_SINGULAR.format(type=kind, context=context, query=key)
+        return prompt + NIAH_ANSWER_PREFIX_SINGULAR.format(type=kind, query=key)
 
-    text, _ = fit(tokenizer, build, length - answer_tokens)
-    prompt = text + NIAH_ANSWER_PREFIX_SINGULAR.format(type=kind, query=key)
+    prompt, _ = fit(tokenizer, build, length - answer_tokens)
     return Sample(prompt, [value], {"task": "niah_single", "length": length, "depth": depth})
+
+
+def key_value_lookup(tokenizer, length: int, rng: random.Random, queries: int = 4, answer_tokens: int = 12) -> Sample:
+    """Dense key-value retrieval for training: a haystack made of RULER needles (as niah_multikey_2),
+    then ``queries`` of its keys asked one after another in RULER's singular wording, each answered
+    but the last (the sample's answer). Many retrieval targets per context."""
+    queries = max(1, min(queries, (length - 60) // 70))  # each question with its answer takes ~65 tokens
+    pairs: dict[str, str] = {}
+    while len(pairs) < max(queries, length // 10):  # more needles than fit: each takes over 10 tokens
+        pairs.setdefault(random_key(rng), random_value(rng, "numbers"))
+    keys = list(pairs)
+    fractions = [rng.random() for _ in range(queries)]  # where in the haystack the asked keys sit
+
+    def question(key: str) -> str:
+        return (f"What is the special magic number for {key} mentioned in the provided text?"
+                + NIAH_ANSWER_PREFIX_SINGULAR.format(type="number", query=key))  # fmt: skip
+
+    def asked(n: int) -> list[str]:
+        return [keys[min(int(f * n), n - 1)] for f in fractions]
+
+    def build(n: int) -> str:
+        n = min(max(n, 1), len(keys))
+        context = " ".join(NIAH_NEEDLE.format(type="numbers", key=k, value=pairs[k]) for k in keys[:n])
+        *answered, last = asked(n)
+        return "\n".join([context, *(f"{question(k)} {pairs[k]}." for k in answered), question(last)])
+
+    prompt, n = fit(tokenizer, build, length - answer_tokens)
+    return Sample(prompt, [pairs[asked(min(max(n, 1), len(keys)))[-1]]], {"task": "kv_lookup", "length": length})
+
+
+def repeated_numbers(tokenizer, length: int, rng: random.Random, answer_tokens: int = 8) -> Sample:
+    """Dense copying for training: a list of random 5-digit numbers, then the same list again. Every
+    number of the second copy is a copy target -- the skill passkey retrieval rests on (an
+    induction head, Olsson et al., 2022)."""
+    numbers = [str(rng.randint(10**4, 10**5 - 1)) for _ in range(length // 6)]
+
+    def build(n: int) -> str:
+        shown = numbers[: max(n, 1)]
+        return f"Numbers: {' '.join(shown)}\nThe same numbers again: {' '.join(shown[:-1])}".rstrip()
+
+    prompt, n = fit(tokenizer, build, length - answer_tokens)
+    return Sample(prompt, [numbers[max(n, 1) - 1]], {"task": "repeat", "length": length})
 
 
 def _variable(rng: random.Random) -> str:
@@ -173,10 +219,10 @@ def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 4,
             pieces += [NOISE] * (at - previous) + [line]
             previous = at
         context = " ".join(pieces + [NOISE] * (n - previous))
-        return VT_TEMPLATE.format(context=context, query=value)
+        prompt = VT_TEMPLATE.format(context=context, query=value)
+        return prompt + VT_ANSWER_PREFIX.format(count=len(names), query=value)
 
-    text, _ = fit(tokenizer, build, length - answer_tokens)
-    prompt = text + VT_ANSWER_PREFIX.format(count=len(names), query=value)
+    prompt, _ = fit(tokenizer, build, length - answer_tokens)
     return Sample(prompt, names, {"task": "vt", "length": length})
 
 
@@ -192,7 +238,8 @@ def common_words(
     def build(n: int) -> str:
         words = [w for w in common for _ in range(repeats)] + rare_pool[:n]
         order = random.Random(order_seed + n).sample(words, len(words))
-        return CWE_TEMPLATE.format(context="\n".join(f"{i + 1}. {w}" for i, w in enumerate(order)), count=top)
+        listing = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(order))
+        return CWE_TEMPLATE.format(context=listing, count=top) + CWE_ANSWER_PREFIX.format(count=top)
 
-    text, _ = fit(tokenizer, build, length - answer_tokens)
-    return Sample(text + CWE_ANSWER_PREFIX.format(count=top), common, {"task": "cwe", "length": length})
+    prompt, _ = fit(tokenizer, build, length - answer_tokens)
+    return Sample(prompt, common, {"task": "cwe", "length": length})

@@ -78,7 +78,7 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def _rope_config(model: torch.nn.Module) -> RopeConfig:
+def rope_config(model: torch.nn.Module) -> RopeConfig:
     config = model.config
     params = dict(getattr(config, "rope_parameters", None) or {})
     if params.get("partial_rotary_factor", 1.0) != 1.0:
@@ -118,7 +118,7 @@ def apply(model: torch.nn.Module, spec: str | Method = "none", **params: Any) ->
     """
     _check_supported(model)
     methods = parse(spec, **params)
-    rope = _rope_config(model)
+    rope = rope_config(model)
     resolved = [m.resolve(rope) for m in methods]
     position = next((m for m in resolved if m.kind == "position"), None) or parse("none")[0]
     scaling = next((m for m in resolved if m.kind == "scaling"), None)

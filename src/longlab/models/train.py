@@ -41,14 +41,16 @@ class Recipe:
     context: int = 512
     rope_theta: float = 10000.0
     batch_size: int = 16
-    steps: int = 2400
+    steps: int = 2000
     learning_rate: float = 2e-3
     final_lr_fraction: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    text_fraction: float = 0.45  # share of rows that are plain corpus text; the rest are exercises
-    exercise_mix: tuple[tuple[str, float], ...] = (("passkey", 0.35), ("niah", 0.35), ("vt", 0.15), ("cwe", 0.15))
+    text_fraction: float = 0.35  # share of rows that are plain corpus text; the rest are exercises
+    exercise_mix: tuple[tuple[str, float], ...] = (
+        ("passkey", 0.25), ("niah", 0.2), ("kv", 0.2), ("repeat", 0.2), ("vt", 0.075), ("cwe", 0.075),
+    )  # fmt: skip
     shortest_exercise: int = 96
     seed: int = 1234
     checkpoint_every: int = 100
@@ -89,6 +91,8 @@ def _answer_text(sample: synthetic.Sample) -> str:
 EXERCISES = {
     "passkey": synthetic.passkey,
     "niah": synthetic.niah_single,
+    "kv": synthetic.key_value_lookup,
+    "repeat": synthetic.repeated_numbers,
     "vt": synthetic.variable_tracking,
     "cwe": synthetic.common_words,
 }

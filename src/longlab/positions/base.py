@@ -33,6 +33,10 @@ class PositionMethod(Method):
     def segments(self) -> tuple[Segment, ...]:
         return (Segment(),)
 
+    def reach(self) -> int | None:
+        """The longest input the method is designed for (None: no designed limit)."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class ScalingMethod(Method):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longlab.method import check_range, register
+from longlab.method import check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import FrequencyTable, RopeConfig
 
@@ -18,9 +18,14 @@ class Linear(PositionMethod):
 
     name = "linear"
     factor: float
+    original_length: int | None = None
 
     def __post_init__(self) -> None:
         check_range(self.name, "factor", self.factor, low=0, low_open=True)
+        check_original_length(self)
+
+    def reach(self) -> int:
+        return int(self.factor * self.original_length)
 
     def table(self, rope: RopeConfig, seq_len: int) -> FrequencyTable:
         return FrequencyTable(rope.inv_freq() / self.factor)

@@ -41,3 +41,6 @@ class Llama3(PositionMethod):
         blended = (1 - t) * inv / self.factor + t * inv
         scaled = torch.where(wavelength > length / self.low_freq_factor, inv / self.factor, blended)
         return FrequencyTable(torch.where(wavelength < length / self.high_freq_factor, inv, scaled))
+
+    def reach(self) -> int:
+        return int(self.factor * self.original_length)

@@ -73,3 +73,6 @@ class LongRoPE(PositionMethod):
                 math.sqrt(1 + math.log(self.factor) / math.log(self.original_length)) if self.factor > 1 else 1.0
             )
         return FrequencyTable(inv, attention)
+
+    def reach(self) -> int:
+        return int(self.factor * self.original_length)

@@ -23,12 +23,17 @@ class NTK(PositionMethod):
 
     name = "ntk"
     factor: float
+    original_length: int | None = None
 
     def __post_init__(self) -> None:
         check_range(self.name, "factor", self.factor, low=0, low_open=True)
+        check_original_length(self)
 
     def table(self, rope: RopeConfig, seq_len: int) -> FrequencyTable:
         return _ntk_table(rope, self.factor)
+
+    def reach(self) -> int:
+        return int(self.factor * self.original_length)
 
 
 @register

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from longlab.method import check_range, register
+from longlab.method import check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import RopeConfig
 from longlab.positions.segments import Affine, Constant, Segment
@@ -44,15 +44,22 @@ class LeakyReRoPE(PositionMethod):
     name = "leaky_rerope"
     window: int | None = None
     k: float = 16.0
+    original_length: int | None = None
 
     def __post_init__(self) -> None:
         check_range(self.name, "window", self.window, low=1, integer=True)
         check_range(self.name, "k", self.k, low=1)
+        check_original_length(self)
 
     def resolve(self, rope: RopeConfig) -> LeakyReRoPE:
-        return self if self.window is not None else replace(self, window=max(1, rope.original_length // 2))
+        resolved = super().resolve(rope)
+        return resolved if resolved.window is not None else replace(resolved, window=max(1, rope.original_length // 2))
 
     def segments(self) -> tuple[Segment, ...]:
         w, k = self.window, self.k
         far = Segment(w, math.inf, None, Affine(1 / k, w * (1 - 1 / k)), Affine(1 / k))
         return (Segment(0, w), far)
+
+    def reach(self) -> int:
+        """w + (L - w) k: the longest input whose leaky distances stay below L."""
+        return int(self.window + (self.original_length - self.window) * self.k)

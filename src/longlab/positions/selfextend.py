@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from longlab.method import check_range, register
+from longlab.method import check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import RopeConfig
 from longlab.positions.segments import Grouped, Segment
@@ -23,15 +23,22 @@ class SelfExtend(PositionMethod):
     name = "selfextend"
     group: int = 4
     window: int | None = None
+    original_length: int | None = None
 
     def __post_init__(self) -> None:
         check_range(self.name, "group", self.group, low=1, integer=True)
         check_range(self.name, "window", self.window, low=1, integer=True)
+        check_original_length(self)
 
     def resolve(self, rope: RopeConfig) -> SelfExtend:
-        return self if self.window is not None else replace(self, window=max(1, rope.original_length // 4))
+        resolved = super().resolve(rope)
+        return resolved if resolved.window is not None else replace(resolved, window=max(1, rope.original_length // 4))
 
     def segments(self) -> tuple[Segment, ...]:
         g, w = self.group, self.window
         far = Segment(w, math.inf, None, Grouped(g, w - w // g), Grouped(g))
         return (Segment(0, w), far)
+
+    def reach(self) -> int:
+        """(L - W) G + W: grouped far positions stay within the trained distances."""
+        return (self.original_length - self.window) * self.group + self.window

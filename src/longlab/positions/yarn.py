@@ -65,6 +65,9 @@ class YaRN(PositionMethod):
         return yarn_table(rope, self.factor, self.original_length, self.beta_fast, self.beta_slow,
                           self.attention_factor)  # fmt: skip
 
+    def reach(self) -> int:
+        return int(self.factor * self.original_length)
+
 
 @register
 @dataclass(frozen=True)

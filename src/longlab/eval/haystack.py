@@ -1,0 +1,47 @@
+"""Haystacks: the text needles hide in.
+
+``noise`` repeats the passkey filler sentence group; ``prose`` is English text split into sentences
+-- by default the reference manual that ships with Python (``pydoc_data.topics``), or every .txt file
+of a folder given with ``--haystack DIR``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+from longlab.errors import LonglabError
+from longlab.eval.synthetic import NOISE
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@functools.cache
+def prose_sentences(folder: str | None = None) -> tuple[str, ...]:
+    """Sentences of the prose haystack, in a fixed order, whitespace collapsed."""
+    if folder is None:
+        from pydoc_data.topics import topics
+
+        texts = [topics[key] for key in sorted(topics)]
+    else:
+        paths = sorted(Path(folder).glob("*.txt"))
+        if not paths:
+            raise LonglabError(f"--haystack {folder!r} holds no .txt files")
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+    sentences = []
+    for text in texts:
+        for sentence in _SENTENCE_END.split(" ".join(text.split())):
+            if len(sentence) > 20 and sentence[0].isalpha():
+                sentences.append(sentence)
+    return tuple(sentences)
+
+
+def filler(kind: str, n: int, start: int = 0, folder: str | None = None) -> list[str]:
+    """``n`` filler units: noise sentence groups, or consecutive prose sentences from ``start``."""
+    if kind == "noise":
+        return [NOISE] * n
+    if kind == "prose":
+        sentences = prose_sentences(folder)
+        return [sentences[(start + i) % len(sentences)] for i in range(n)]
+    raise LonglabError(f"haystack must be 'noise' or 'prose', got {kind!r}")

@@ -1,0 +1,294 @@
+"""The evaluation runner: methods x tasks x lengths x samples, one JSON line per sample.
+
+Results are appended to ``results.jsonl`` as each sample finishes (flushed and synced), so an
+interrupted run loses at most the sample in flight; rerunning with the same ``--out`` skips every
+(method, task, length, sample) already there. Reports are rebuilt from the results alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import longlab
+from longlab.errors import LonglabError
+from longlab.eval.generation import encode, generate_answers, token_losses
+from longlab.eval.synthetic import Sample
+from longlab.eval.tasks import Task, parse_task
+from longlab.models.bundled import load
+from longlab.positions import RopeConfig
+
+DEFAULT_METHODS = (
+    "none",
+    "linear:factor=4",
+    "ntk:factor=4",
+    "yarn:factor=4",
+    "selfextend:group=8,window=128",
+    "rerope:window=256",
+)
+DEFAULT_TASKS = ("passkey", "niah", "ppl")
+POSITION_BUCKETS = 64
+
+
+@dataclass
+class EvalConfig:
+    model: str = "tiny"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    lengths: list[int] | None = None  # default: L, 2L, 4L of the model's training length
+    samples: int | None = None  # default: each task's own
+    seed: int = 0
+    out: str = "runs/eval"
+    chat: bool = False
+    batch_size: int = 1
+    allow_beyond_reach: bool = False
+
+
+def parse_length(text: str) -> int:
+    """'512', '2k' (2048), '1.5k' (1536)."""
+    value = text.strip().lower()
+    try:
+        length = int(float(value[:-1]) * 1024) if value.endswith("k") else int(value)
+    except ValueError:
+        raise LonglabError(f"a length must be a token count like 512 or 2k, got {text!r}") from None
+    if length < 16:
+        raise LonglabError(f"a length must be at least 16 tokens, got {text!r}")
+    return length
+
+
+# -- measurement helpers --------------------------------------------------------------------------
+
+
+def _reset_peak_memory() -> None:
+    with contextlib.suppress(OSError):  # Linux: writing 5 resets this process's peak resident size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_memory_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def memory_estimate(model, length: int, batch: int = 1) -> int:
+    """Bytes a forward pass over ``length`` tokens needs beyond the weights: the KV cache, a few
+    hidden-state copies per layer, and one chunk of logits."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = next(model.parameters()).element_size()
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * size * length * batch
+    activations = 12 * config.hidden_size * size * length * batch + 4 * config.intermediate_size * size * length
+    logits = 4 * config.vocab_size * min(length, 1024) * batch
+    return kv + activations + logits
+
+
+class Results:
+    """``results.jsonl``: append-only; knows which cells are done."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "results.jsonl"
+        self.done: set[tuple] = set()
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.done.add(self.key(row))
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return row["method"], row["task"], row["length"], row["sample"]
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(self.key(row))
+
+
+# -- generation and perplexity --------------------------------------------------------------------
+
+
+def _held_out_tokens(tokenizer) -> np.ndarray:
+    from longlab.models.corpus import documents, split_of
+
+    ids: list[int] = []
+    for name, text in documents():
+        if split_of(name) == "test":
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def perplexity_sample(model, tokens: np.ndarray, length: int, index: int, count: int, stride_fraction: float) -> dict:
+    """Whole-window and sliding-window losses of one held-out span, and the bucketed position curve."""
+    span = 2 * length
+    if len(tokens) < span + count:
+        raise LonglabError(f"held-out text has {len(tokens)} tokens; ppl at length {length} needs {span + count}")
+    start = index * (len(tokens) - span) // max(count, 1)
+    text = torch.from_numpy(tokens[start : start + span])[None]
+    whole = token_losses(model, text[:, :length])
+    stride = max(1, int(length * stride_fraction))
+    sliding, scored = [], 0
+    for begin in range(0, span - length + 1, stride):
+        losses = token_losses(model, text[:, begin : begin + length])
+        fresh = losses if begin == 0 else losses[-stride:]
+        sliding.append(fresh)
+        scored = begin + length
+    sliding_losses = torch.cat(sliding)
+    buckets = [float(chunk.mean()) for chunk in torch.tensor_split(whole, POSITION_BUCKETS)]
+    return {
+        "tokens": length,
+        "loss_whole": float(whole.mean()),
+        "loss_sliding": float(sliding_losses.mean()),
+        "sliding_tokens": scored,
+        "position_loss": [round(b, 4) for b in buckets],
+    }
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def _check_before_work(model, methods: list[str], lengths: list[int], config: EvalConfig) -> None:
+    """Fail on an impossible length before any work: beyond a method's designed reach, or more
+    memory than the machine has."""
+    from longlab.models.bridge import rope_config
+
+    rope: RopeConfig = rope_config(model)
+    for spec in methods:
+        position = next((m for m in longlab.parse(spec) if m.kind == "position"), None)
+        reach = position.resolve(rope).reach() if position is not None else None
+        too_long = [n for n in lengths if reach is not None and n > reach]
+        if too_long and not config.allow_beyond_reach:
+            raise LonglabError(
+                f"method {spec!r} is designed for inputs up to {reach} tokens (L_train = {rope.original_length}); "
+                f"lengths {too_long} are beyond it. Raise its factor/group, drop those lengths, "
+                "or pass --allow-beyond-reach to measure the breakdown"
+            )
+    need = memory_estimate(model, max(lengths), config.batch_size)
+    available = _available_bytes()
+    if need > 0.9 * available:
+        raise LonglabError(
+            f"length {max(lengths)} needs about {need / 2**30:.1f} GiB beyond the weights; "
+            f"this machine has {available / 2**30:.1f} GiB available"
+        )
+
+
+def run(config: EvalConfig) -> Path:
+    """Run the matrix, appending to ``{out}/results.jsonl``, then write the report; returns ``out``."""
+    from longlab.eval.report import write_report
+
+    methods = [longlab.format_spec(longlab.parse(spec)) for spec in config.methods]
+    tasks: list[Task] = [parse_task(spec) for spec in config.tasks]
+    model, tokenizer = load(config.model)
+    model.generation_config.max_length = None
+    train_length = model.config.max_position_embeddings
+    lengths = config.lengths or [train_length, 2 * train_length, 4 * train_length]
+    _check_before_work(model, methods, lengths, config)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "runs.jsonl").open("a") as f:  # every invocation's configuration, appended
+        record = {**config.__dict__, "lengths": lengths, "train_length": train_length, "started": time.time()}
+        f.write(json.dumps(record) + "\n")
+    results = Results(out)
+
+    cells = []  # (method, task, subtask, length, count)
+    for method in methods:
+        for task in tasks:
+            count = config.samples or task.default_samples
+            for subtask in task.subtasks():
+                cells += [(method, task, subtask, length, count) for length in lengths]
+    held_out = _held_out_tokens(tokenizer) if any(t.kind == "perplexity" for t in tasks) else None
+
+    prepared = _prepare_samples(cells, tokenizer, config.seed)  # every prompt is built before any work
+    total = sum(_cell_size(task, count) for _, task, _, _, count in cells)
+    overall = tqdm(total=total, desc="eval", unit="sample")
+    applied = None
+    for method, task, subtask, length, count in cells:
+        todo = [i for i in range(_cell_size(task, count)) if (method, subtask, length, i) not in results.done]
+        overall.update(_cell_size(task, count) - len(todo))
+        if not todo:
+            continue
+        if applied != method:
+            longlab.apply(model, method)
+            applied = method
+        cell = tqdm(total=len(todo), desc=f"{method} | {subtask} | {length}", unit="sample", leave=False)
+        if task.kind == "perplexity":
+            for i in todo:
+                _reset_peak_memory()
+                began = time.perf_counter()
+                row = perplexity_sample(model, held_out, length, i, count, task.stride_fraction)
+                _record(results, method, subtask, length, i, config.seed, began, row)
+                cell.update()
+                overall.update()
+        else:
+            samples = prepared[subtask, length]
+            for batch in _batches(todo, config.batch_size):
+                prompts = [encode(tokenizer, samples[i].prompt, config.chat) for i in batch]
+                _reset_peak_memory()
+                began = time.perf_counter()
+                answers = generate_answers(model, tokenizer, prompts, task.new_tokens(subtask))
+                for i, prompt, answer in zip(batch, prompts, answers, strict=True):
+                    sample: Sample = samples[i]
+                    row = {
+                        "depth": sample.meta.get("depth"),
+                        "prompt_tokens": prompt.shape[1],
+                        "expected": sample.answers,
+                        "predicted": answer,
+                        "score": task.score(subtask, answer, sample),
+                    }
+                    _record(results, method, subtask, length, i, config.seed, began, row, share=len(batch))
+                cell.update(len(batch))
+                overall.update(len(batch))
+        cell.close()
+    overall.close()
+    longlab.reset(model)
+    write_report(out, train_length=train_length)
+    return out
+
+
+def _prepare_samples(cells, tokenizer, seed: int) -> dict[tuple[str, int], list[Sample]]:
+    """Build every generation prompt up front, so a length a task cannot fit fails before any work."""
+    prepared = {}
+    for _, task, subtask, length, count in cells:
+        if task.kind != "generation" or (subtask, length) in prepared:
+            continue
+        try:
+            prepared[subtask, length] = task.samples(subtask, tokenizer, length, count, seed)
+        except ValueError as error:
+            raise LonglabError(f"task {subtask!r} at length {length}: {error}") from None
+    return prepared
+
+
+def _cell_size(task: Task, count: int) -> int:
+    return count * task.depths if task.name == "niah" else count
+
+
+def _batches(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _record(results: Results, method, task, length, sample, seed, began, row: dict, share: int = 1) -> None:
+    results.append({
+        "method": method, "task": task, "length": length, "sample": sample, "seed": seed, **row,
+        "latency_s": round((time.perf_counter() - began) / share, 4), "peak_memory_mb": _peak_memory_mb(),
+    })  # fmt: skip

@@ -1,0 +1,120 @@
+"""The evaluation runner on the bundled model: output folder, resume, pictures, early failures."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+import longlab
+from longlab.eval import runner
+from longlab.eval.runner import EvalConfig, Results, run
+
+SMALL = dict(
+    methods=["none", "rerope:window=64"],
+    tasks=["passkey", "niah:depths=2", "ppl", "ruler:subtasks=niah_single_1;vt"],
+    lengths=[256, 320],
+    samples=2,
+)
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    run(EvalConfig(out=str(out), **SMALL))
+    return out
+
+
+def test_output_folder_has_results_summary_report_and_pictures(finished):
+    rows = [json.loads(line) for line in (finished / "results.jsonl").read_text().splitlines()]
+    generation = [r for r in rows if "score" in r]
+    assert {"prompt_tokens", "expected", "predicted", "score", "latency_s", "peak_memory_mb"} <= set(generation[0])
+    assert all(r["prompt_tokens"] <= r["length"] for r in generation)
+    # 2 methods x (passkey 2 + niah 2 depths x 2 + ppl 2 + ruler 2 subtasks x 2) x 2 lengths
+    assert len(rows) == 2 * (2 + 4 + 2 + 4) * 2
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["methods"] == SMALL["methods"] and summary["lengths"] == [256, 320]
+    assert set(summary["tasks"]) == {"passkey", "niah", "ppl", "ruler/niah_single_1", "ruler/vt"}
+    report = (finished / "report.md").read_text()
+    for picture in ["passkey.png", "ppl.png", "ppl-by-position.png", "niah-heatmap-none.png",
+                    "niah-heatmap-rerope-window-64.png", "ruler-vt.png"]:  # fmt: skip
+        assert f"]({picture})" in report
+        assert (finished / picture).stat().st_size > 5000
+    assert _png_size(finished / "passkey.png") == (700, 400)
+    assert _png_size(finished / "ppl.png") == (1120, 400)
+    assert "| `rerope:window=64` |" in report
+
+
+def test_interrupted_run_resumes_to_the_same_summary(finished, tmp_path, monkeypatch):
+    original = Results.append
+    written = {"count": 0}
+
+    def crash_after_seven(self, row):
+        if written["count"] == 7:
+            raise KeyboardInterrupt
+        written["count"] += 1
+        original(self, row)
+
+    monkeypatch.setattr(Results, "append", crash_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        run(EvalConfig(out=str(tmp_path), **SMALL))
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 7  # nothing lost but the one in flight
+    monkeypatch.setattr(Results, "append", original)
+    run(EvalConfig(out=str(tmp_path), **SMALL))
+    assert (tmp_path / "summary.json").read_text() == (finished / "summary.json").read_text()
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len((finished / "results.jsonl").read_text().splitlines())  # no cell twice
+
+
+def test_report_rebuilds_from_results_alone(finished, tmp_path):
+    (tmp_path / "results.jsonl").write_text((finished / "results.jsonl").read_text())
+    longlab.eval.report.write_report(tmp_path, train_length=512)
+    assert (tmp_path / "summary.json").read_text() == (finished / "summary.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"methods": ["yran:factor=4"]}, "did you mean 'yarn'"),
+        ({"tasks": ["passky"]}, "did you mean 'passkey'"),
+        ({"methods": ["yarn:factor=2"], "lengths": [2048]}, r"designed for inputs up to 1024 tokens"),
+        ({"tasks": ["ruler:subtasks=vt"], "lengths": [48]}, r"task 'ruler/vt' at length 48"),
+        ({"lengths": [10**9]}, "GiB"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(longlab.LonglabError, match=message):
+        run(EvalConfig(out=str(tmp_path), **{**SMALL, **overrides}))
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_lengths_parse_with_k_suffix():
+    assert [runner.parse_length(x) for x in ("512", "2k", "1.5k")] == [512, 2048, 1536]
+    with pytest.raises(longlab.LonglabError, match="token count"):
+        runner.parse_length("two")
+
+
+def test_jsonl_task_truncates_in_the_middle_and_scores_with_the_dataset_metric(tmp_path):
+    from transformers import AutoTokenizer
+
+    from longlab.eval.tasks import parse_task
+
+    data = tmp_path / "qasper.jsonl"
+    row = {"input": "What colour is the sky?", "context": "start " + "filler " * 2000 + "end",
+           "answers": ["blue"], "all_classes": None, "length": 2000}  # fmt: skip
+    data.write_text(json.dumps(row) + "\n")
+    task = parse_task(f"jsonl:path={data}")
+    assert task.chosen_metric() == "qa_f1"
+    tokenizer = AutoTokenizer.from_pretrained(longlab.model_path("tiny"))
+    (sample,) = task.samples("jsonl/qasper", tokenizer, 300, 5, 0)
+    assert len(tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]) <= 300 - 64 + 2
+    assert sample.prompt.startswith("start filler") and "end\n\nQuestion: What colour is the sky?" in sample.prompt
+    assert task.score("jsonl/qasper", "Blue.\nMore text", sample) == 100.0
