@@ -85,7 +85,7 @@ def _niah_grids(rows: list[dict], methods: list[str]) -> dict:
     return grids
 
 
-def _table(task: str, table: dict, lengths: list[int], key: str, fmt: str) -> list[str]:
+def _table(table: dict, lengths: list[int], key: str, fmt: str) -> list[str]:
     present = [n for n in lengths if any(str(n) in row for row in table.values())]
     lines = [f"| method | {' | '.join(str(n) for n in present)} |", "|---" * (len(present) + 1) + "|"]
     for method, row in table.items():
@@ -116,11 +116,11 @@ def write_report(folder: Path, train_length: int | None = None) -> Path:
         lines += [f"## {task}", ""]
         if "ppl_whole" in first:
             lines += ["Perplexity of held-out text, whole window:", ""]
-            lines += [*_table(task, table, lengths, "ppl_whole", "{:.2f}"), ""]
+            lines += [*_table(table, lengths, "ppl_whole", "{:.2f}"), ""]
             lines += ["Sliding window (each token scored once with at least 3/4 of the window as context):", ""]
-            lines += [*_table(task, table, lengths, "ppl_sliding", "{:.2f}"), ""]
+            lines += [*_table(table, lengths, "ppl_sliding", "{:.2f}"), ""]
         else:
-            lines += ["Mean score (0-100):", "", *_table(task, table, lengths, "score", "{:.1f}"), ""]
+            lines += ["Mean score (0-100):", "", *_table(table, lengths, "score", "{:.1f}"), ""]
         lines += [f"![{name}]({name})" for name in pictures.get(task, [])] + [""]
     lines += ["## Cost", "", "Mean latency per sample (s) and peak resident memory (MiB), per method, "
               "at the longest length measured for each task:", "",

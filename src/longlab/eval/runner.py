@@ -130,12 +130,9 @@ class Results:
 
 def _held_out_tokens(tokenizer) -> np.ndarray:
     from longlab.models.corpus import documents, split_of
+    from longlab.models.train import token_stream
 
-    ids: list[int] = []
-    for name, text in documents():
-        if split_of(name) == "test":
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return np.asarray(ids, dtype=np.int64)
+    return token_stream(tokenizer, (text for name, text in documents() if split_of(name) == "test"))
 
 
 def perplexity_sample(model, tokens: np.ndarray, length: int, index: int, count: int, stride_fraction: float) -> dict:
@@ -144,7 +141,7 @@ def perplexity_sample(model, tokens: np.ndarray, length: int, index: int, count:
     if len(tokens) < span + count:
         raise LonglabError(f"held-out text has {len(tokens)} tokens; ppl at length {length} needs {span + count}")
     start = index * (len(tokens) - span) // max(count, 1)
-    text = torch.from_numpy(tokens[start : start + span])[None]
+    text = torch.from_numpy(tokens[start : start + span]).long()[None]
     whole = token_losses(model, text[:, :length])
     stride = max(1, int(length * stride_fraction))
     sliding, scored = [], 0
@@ -220,12 +217,12 @@ def run(config: EvalConfig) -> Path:
     held_out = _held_out_tokens(tokenizer) if any(t.kind == "perplexity" for t in tasks) else None
 
     prepared = _prepare_samples(cells, tokenizer, config.seed)  # every prompt is built before any work
-    total = sum(_cell_size(task, count) for _, task, _, _, count in cells)
+    total = sum(task.cell_size(count) for _, task, _, _, count in cells)
     overall = tqdm(total=total, desc="eval", unit="sample")
     applied = None
     for method, task, subtask, length, count in cells:
-        todo = [i for i in range(_cell_size(task, count)) if (method, subtask, length, i) not in results.done]
-        overall.update(_cell_size(task, count) - len(todo))
+        todo = [i for i in range(task.cell_size(count)) if (method, subtask, length, i) not in results.done]
+        overall.update(task.cell_size(count) - len(todo))
         if not todo:
             continue
         if applied != method:
@@ -277,10 +274,6 @@ def _prepare_samples(cells, tokenizer, seed: int) -> dict[tuple[str, int], list[
         except ValueError as error:
             raise LonglabError(f"task {subtask!r} at length {length}: {error}") from None
     return prepared
-
-
-def _cell_size(task: Task, count: int) -> int:
-    return count * task.depths if task.name == "niah" else count
 
 
 def _batches(items: list[int], size: int) -> list[list[int]]:

@@ -57,6 +57,10 @@ class Task:
     def new_tokens(self, subtask: str) -> int:
         return self.max_new_tokens
 
+    def cell_size(self, count: int) -> int:
+        """Samples in one (subtask, length) cell for ``count`` samples asked."""
+        return count
+
 
 @register
 @dataclass(frozen=True)
@@ -115,6 +119,9 @@ class NeedleInAHaystack(Task):
         check_range(self.name, "depths", self.depths, low=1, integer=True)
         if self.haystack is not None and not Path(self.haystack).is_dir():
             raise SpecError(f"niah: parameter 'haystack' must be a folder of .txt files, got {self.haystack!r}")
+
+    def cell_size(self, count: int) -> int:
+        return count * len(self.depth_grid())
 
     def depth_grid(self) -> list[float]:
         return [i / (self.depths - 1) for i in range(self.depths)] if self.depths > 1 else [0.5]

@@ -135,11 +135,16 @@ class Batches:
         return torch.tensor(rows, dtype=torch.long)
 
 
-def tokenize_split(tokenizer: PreTrainedTokenizerFast, corpus: Path, split: str) -> np.ndarray:
+def token_stream(tokenizer, texts) -> np.ndarray:
+    """The documents' tokens concatenated, each followed by EOS."""
     ids: list[int] = []
-    for text in read_split(corpus, split):
+    for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return np.asarray(ids, dtype=np.int32)
+
+
+def tokenize_split(tokenizer: PreTrainedTokenizerFast, corpus: Path, split: str) -> np.ndarray:
+    return token_stream(tokenizer, read_split(corpus, split))
 
 
 def windows(tokens: np.ndarray, length: int, count: int) -> torch.Tensor:
