@@ -55,12 +55,18 @@ def segmented_attention(
     q_pos, k_pos = q_pos.expand(b, tq), k_pos.expand(b, tk)
     if key_valid is not None and bool(key_valid.all()):
         key_valid = None
+    layout = plan(q_pos, k_pos, key_valid, segments, block_size)
+    return SegmentedAttention.apply(q, k, v, q_pos, k_pos, key_valid, tuple(segments), table, scale, layout)
+
+
+def plan(q_pos, k_pos, key_valid, segments: Sequence[Segment], block_size: int | None = None) -> Layout:
+    """The block/tile layout of one call (q_pos (B, Tq), k_pos (B, Tk) already expanded to the batch)."""
+    tq = q_pos.shape[1]
     if block_size is None:
         # One plain segment over an unpadded sequence needs no blocking: a single causal call.
         single = len(segments) == 1 and segments[0].unbounded and key_valid is None
         block_size = tq if single and tq > BLOCK_SIZE else BLOCK_SIZE
-    layout = make_layout(q_pos, k_pos, key_valid, block_size)
-    return SegmentedAttention.apply(q, k, v, q_pos, k_pos, key_valid, tuple(segments), table, scale, layout)
+    return make_layout(q_pos, k_pos, key_valid, block_size)
 
 
 def _chunks(layout: Layout) -> list[tuple[int, int]]:
@@ -140,29 +146,67 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def partial_forward(q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout):
+    """Un-normalised building block: (out, lse) of q over these keys, in the accumulator dtype.
+
+    Rows that see no key have out = 0 and lse = -inf, so results over disjoint key sets merge exactly
+    with :func:`~longlab.attention.merge.merge_into` (sequence parallelism merges shards this way).
+    """
+    b, hq, tq, dim = q.shape
+    acc_dtype = _accumulator_dtype(q.dtype)
+    acc = torch.zeros(b, hq, tq, dim, dtype=acc_dtype, device=q.device)
+    lse = torch.full((b, hq, tq), -math.inf, dtype=acc_dtype, device=q.device)
+    written: set[int] = set()  # blocks holding a piece already; the first piece is copied, not merged
+    for segment in segments:
+        for _, _, k_rot, calls in _walk(q, k, q_pos, k_pos, key_valid, segment, table, layout):
+            for c in calls:
+                out, piece_lse = _flash(
+                    c.q_rot, k_rot[:, :, c.k_slice], v[:, :, c.start : c.stop], 0.0, c.causal,
+                    attn_mask=c.mask, scale=scale,
+                )  # fmt: skip
+                if c.seen is not None:  # fully masked rows come back as lse = 0
+                    piece_lse = piece_lse.masked_fill(~c.seen, -math.inf)
+                if c.a in written:
+                    merge_into(acc[:, :, c.a : c.z], lse[:, :, c.a : c.z], out.to(acc_dtype), piece_lse)
+                else:
+                    acc[:, :, c.a : c.z] = out
+                    lse[:, :, c.a : c.z] = piece_lse
+                    written.add(c.a)
+    return acc, lse
+
+
+def partial_backward(grad_out, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout, out, lse):
+    """Gradients (dq, dk, dv) of these keys' share of an attention whose *final* output and
+    log-sum-exp over all keys are ``out`` and ``lse`` (FlashAttention-2 decomposition): summing this
+    over disjoint key sets gives the exact gradient. Accumulator dtype."""
+    grad_out = grad_out.contiguous()
+    # Rows that saw no key have lse = -inf; +inf makes every probability exp(s - lse) zero.
+    lse = lse.masked_fill(torch.isneginf(lse), math.inf)
+    acc_dtype = _accumulator_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
+    for segment in segments:
+        dq_rot = torch.zeros_like(dq)
+        for k0, k1, k_rot, calls in _walk(q, k, q_pos, k_pos, key_valid, segment, table, layout):
+            dk_rot = torch.zeros(k_rot.shape, dtype=acc_dtype, device=q.device)
+            for c in calls:
+                gq, gk, gv = _flash_backward(
+                    grad_out[:, :, c.a : c.z], c.q_rot, k_rot[:, :, c.k_slice], v[:, :, c.start : c.stop],
+                    out[:, :, c.a : c.z], lse[:, :, c.a : c.z], 0.0, c.causal, attn_mask=c.mask, scale=scale,
+                )  # fmt: skip
+                dq_rot[:, :, c.a : c.z] += gq
+                dk_rot[:, :, c.k_slice] += gk
+                dv[:, :, c.start : c.stop] += gv
+            dk[:, :, k0:k1] += _rotate(dk_rot, k_pos[:, k0:k1], segment.key_map, table, inverse=True)
+        dq += _rotate(dq_rot, q_pos, segment.query_map, table, inverse=True)
+    return dq, dk, dv
+
+
 class SegmentedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout):
-        b, hq, tq, dim = q.shape
-        acc_dtype = _accumulator_dtype(q.dtype)
-        acc = torch.zeros(b, hq, tq, dim, dtype=acc_dtype)
-        lse = torch.full((b, hq, tq), -math.inf, dtype=acc_dtype)
-        written: set[int] = set()  # blocks holding a piece already; the first piece is copied, not merged
-        for segment in segments:
-            for _, _, k_rot, calls in _walk(q, k, q_pos, k_pos, key_valid, segment, table, layout):
-                for c in calls:
-                    out, piece_lse = _flash(
-                        c.q_rot, k_rot[:, :, c.k_slice], v[:, :, c.start : c.stop], 0.0, c.causal,
-                        attn_mask=c.mask, scale=scale,
-                    )  # fmt: skip
-                    if c.seen is not None:  # fully masked rows come back as lse = 0
-                        piece_lse = piece_lse.masked_fill(~c.seen, -math.inf)
-                    if c.a in written:
-                        merge_into(acc[:, :, c.a : c.z], lse[:, :, c.a : c.z], out.to(acc_dtype), piece_lse)
-                    else:
-                        acc[:, :, c.a : c.z] = out
-                        lse[:, :, c.a : c.z] = piece_lse
-                        written.add(c.a)
+        acc, lse = partial_forward(q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout)
         out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, q_pos, k_pos, key_valid, out, lse)
         ctx.plan = (segments, table, scale, layout)
@@ -172,25 +216,7 @@ class SegmentedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, q_pos, k_pos, key_valid, out, lse = ctx.saved_tensors
         segments, table, scale, layout = ctx.plan
-        grad_out = grad_out.contiguous()
-        # Rows that saw no key have lse = -inf; +inf makes every probability exp(s - lse) zero.
-        lse = lse.masked_fill(torch.isneginf(lse), math.inf)
-        acc_dtype = _accumulator_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc_dtype)
-        dk = torch.zeros(k.shape, dtype=acc_dtype)
-        dv = torch.zeros(v.shape, dtype=acc_dtype)
-        for segment in segments:
-            dq_rot = torch.zeros_like(dq)
-            for k0, k1, k_rot, calls in _walk(q, k, q_pos, k_pos, key_valid, segment, table, layout):
-                dk_rot = torch.zeros(k_rot.shape, dtype=acc_dtype)
-                for c in calls:
-                    gq, gk, gv = _flash_backward(
-                        grad_out[:, :, c.a : c.z], c.q_rot, k_rot[:, :, c.k_slice], v[:, :, c.start : c.stop],
-                        out[:, :, c.a : c.z], lse[:, :, c.a : c.z], 0.0, c.causal, attn_mask=c.mask, scale=scale,
-                    )  # fmt: skip
-                    dq_rot[:, :, c.a : c.z] += gq
-                    dk_rot[:, :, c.k_slice] += gk
-                    dv[:, :, c.start : c.stop] += gv
-                dk[:, :, k0:k1] += _rotate(dk_rot, k_pos[:, k0:k1], segment.key_map, table, inverse=True)
-            dq += _rotate(dq_rot, q_pos, segment.query_map, table, inverse=True)
+        dq, dk, dv = partial_backward(
+            grad_out, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout, out, lse
+        )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None

@@ -10,6 +10,7 @@ The model's mask creation is switched to a registered "longlab" implementation t
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ class Patch:
     rope: RopeConfig
     previous_implementation: str
     modules: list[torch.nn.Module] = field(default_factory=list)
+    # How an attention module turns (q, k, v, positions) into its output; sequence parallelism swaps it.
+    attend: Callable[..., torch.Tensor] | None = None
     _tables: dict[int, FrequencyTable] = field(default_factory=dict)
 
     @property
@@ -170,7 +173,8 @@ def active_methods(model: torch.nn.Module) -> list[Method]:
     return patch.methods if patch is not None else []
 
 
-def _segments(patch: Patch, module: torch.nn.Module) -> tuple[Segment, ...]:
+def segments_for(patch: Patch, module: torch.nn.Module) -> tuple[Segment, ...]:
+    """The active position method's segments, clipped to the module's own sliding window if any."""
     segments = patch.position.segments()
     # The layer's own sliding window bounds every segment: Qwen2/Qwen3 set it per layer, Mistral in the config.
     window = (
@@ -179,6 +183,13 @@ def _segments(patch: Patch, module: torch.nn.Module) -> tuple[Segment, ...]:
     if window:
         segments = tuple(s for s in (seg.clipped(window) for seg in segments) if s is not None)
     return segments
+
+
+def local_attention(module: torch.nn.Module, q, k, v, q_pos, k_pos, key_valid) -> torch.Tensor:
+    """Single-process attention of a patched module (the default ``Patch.attend``)."""
+    patch: Patch = module._longlab_patch
+    table = patch.table(int(q_pos.max()) + 1)
+    return segmented_attention(q, k, v, q_pos, k_pos, segments_for(patch, module), table, module.scaling, key_valid)
 
 
 def _attention_forward(
@@ -217,7 +228,6 @@ def _attention_forward(
         key_valid = attention_mask[:, -k.shape[2] :].bool()
     if patch.scaling is not None:
         q = q * patch.scaling.query_scale(q_pos)[:, None, :, None].to(q.dtype)
-    table = patch.table(int(q_pos.max()) + 1)
-    out = segmented_attention(q, k, v, q_pos, k_pos, _segments(patch, self), table, self.scaling, key_valid)
+    out = (patch.attend or local_attention)(self, q, k, v, q_pos, k_pos, key_valid)
     out = out.transpose(1, 2).reshape(batch, length, -1)
     return self.o_proj(out), None
