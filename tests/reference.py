@@ -37,7 +37,7 @@ def distances(method: str, q_pos: torch.Tensor, k_pos: torch.Tensor, **p) -> tup
         in_band = d < p["band"]
         visible = visible & (in_band | (j < p["n_global"]))
         rel = torch.where(in_band, d, torch.clamp(d, max=p["original_length"]))
-    elif method == "window":
+    elif method == "sliding":
         visible = visible & (d < p["size"])
         rel = d
     else:

@@ -88,7 +88,7 @@ IDENTITIES = [
     "leaky_rerope:window=10,k=1",
     "power:power=0",
     "lm_infinite:band=200",
-    "window:size=200",
+    "sliding:size=200",
     "truncation:low=0,high=0.0001",
     "dynamic_ntk",
     "dynamic_yarn",
@@ -105,7 +105,7 @@ def test_identity_settings_equal_none(spec):
 
 
 @pytest.mark.parametrize(
-    "spec", ["rerope:window=20", "selfextend:group=3,window=16", "lm_infinite:band=32,n_global=4", "window:size=40"]
+    "spec", ["rerope:window=20", "selfextend:group=3,window=16", "lm_infinite:band=32,n_global=4", "sliding:size=40"]
 )
 def test_remaps_change_logits_past_their_window(spec):
     model = build()
@@ -169,7 +169,7 @@ def test_methods_lists_every_method_with_kind_and_parameters():
     table = {m["name"]: m for m in longlab.methods()}
     expected = {
         "none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3", "longrope", "power",
-        "truncation", "rerope", "leaky_rerope", "selfextend", "lm_infinite", "window", "logn",
+        "truncation", "rerope", "leaky_rerope", "selfextend", "lm_infinite", "sliding", "logn",
     }  # fmt: skip
     assert expected <= set(table)
     assert table["logn"]["kind"] == "scaling" and table["yarn"]["kind"] == "position"

@@ -26,7 +26,7 @@ REMAPS = [
     ("selfextend:group=3,window=25", "selfextend", {"group": 3, "window": 25}),
     ("lm_infinite:band=40,n_global=5", "lm_infinite", {"band": 40, "n_global": 5, "original_length": 64}),
     ("lm_infinite:band=80,n_global=3", "lm_infinite", {"band": 80, "n_global": 3, "original_length": 64}),
-    ("window:size=30", "window", {"size": 30}),
+    ("sliding:size=30", "sliding", {"size": 30}),
     ("none", "none", {}),
 ]
 

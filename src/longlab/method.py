@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 from longlab.errors import SpecError
 
-KINDS = ("position", "scaling")
+KINDS = ("position", "scaling", "cache")
 
 REGISTRY: dict[str, type[Method]] = {}
 

@@ -14,6 +14,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+import longlab.cache.policies
 import longlab.positions  # noqa: F401  (registers the methods)
 from longlab.errors import SpecError
 from longlab.method import KINDS, REGISTRY, Method, field_types

@@ -19,9 +19,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longlab.attention.kernel import segmented_attention
-from longlab.cache import positions as cached_positions
+from longlab.cache.layer import layer_for
+from longlab.cache.policies.streaming import slots
+from longlab.cache.policy import CachePolicy, ScoreContext
+from longlab.cache.stats import cache_stats
 from longlab.errors import LonglabError, UnsupportedModelError
 from longlab.method import Method
+from longlab.models import prefill
 from longlab.positions import FrequencyTable, PositionMethod, RopeConfig, ScalingMethod
 from longlab.positions.segments import Segment
 from longlab.spec import format_spec, parse
@@ -37,16 +41,18 @@ class Patch:
 
     position: PositionMethod
     scaling: ScalingMethod | None
+    cache: CachePolicy | None
     rope: RopeConfig
     previous_implementation: str
     modules: list[torch.nn.Module] = field(default_factory=list)
     # How an attention module turns (q, k, v, positions) into its output; sequence parallelism swaps it.
     attend: Callable[..., torch.Tensor] | None = None
+    last_stats: Any = None  # CacheStats of the cache most recently written (after its last layer)
     _tables: dict[int, FrequencyTable] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[Method]:
-        return [m for m in (self.position, self.scaling) if m is not None]
+        return [m for m in (self.position, self.scaling, self.cache) if m is not None]
 
     def table(self, seq_len: int) -> FrequencyTable:
         if seq_len not in self._tables:
@@ -125,14 +131,17 @@ def apply(model: torch.nn.Module, spec: str | Method = "none", **params: Any) ->
     resolved = [m.resolve(rope) for m in methods]
     position = next((m for m in resolved if m.kind == "position"), None) or parse("none")[0]
     scaling = next((m for m in resolved if m.kind == "scaling"), None)
+    cache = next((m for m in resolved if m.kind == "cache"), None)
     if is_applied(model):
         reset(model)
-    patch = Patch(position, scaling, rope, model.config._attn_implementation)
+    patch = Patch(position, scaling, cache, rope, model.config._attn_implementation)
     model.set_attn_implementation(IMPLEMENTATION)
     for module in _attention_modules(model):
         module._longlab_patch = patch
         module.forward = types.MethodType(_attention_forward, module)
         patch.modules.append(module)
+    if cache is not None and cache.chunk:
+        prefill.install(model, cache.chunk)
     setattr(model, _ATTRIBUTE, patch)
     return model
 
@@ -150,6 +159,7 @@ def reset(model: torch.nn.Module) -> torch.nn.Module:
     for module in patch.modules:
         del module.forward
         del module._longlab_patch
+    prefill.uninstall(model)
     model.set_attn_implementation(patch.previous_implementation)
     delattr(model, _ATTRIBUTE)
     return model
@@ -173,13 +183,17 @@ def active_methods(model: torch.nn.Module) -> list[Method]:
     return patch.methods if patch is not None else []
 
 
+def _sliding_window(module: torch.nn.Module) -> int | None:
+    # Qwen2/Qwen3 set it per layer, Mistral in the config.
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(module.config, "sliding_window", None)
+
+
 def segments_for(patch: Patch, module: torch.nn.Module) -> tuple[Segment, ...]:
     """The active position method's segments, clipped to the module's own sliding window if any."""
     segments = patch.position.segments()
-    # The layer's own sliding window bounds every segment: Qwen2/Qwen3 set it per layer, Mistral in the config.
-    window = (
-        module.sliding_window if hasattr(module, "sliding_window") else getattr(module.config, "sliding_window", None)
-    )
+    window = _sliding_window(module)  # the layer's own window bounds every segment
     if window:
         segments = tuple(s for s in (seg.clipped(window) for seg in segments) if s is not None)
     return segments
@@ -190,6 +204,43 @@ def local_attention(module: torch.nn.Module, q, k, v, q_pos, k_pos, key_valid) -
     patch: Patch = module._longlab_patch
     table = patch.table(int(q_pos.max()) + 1)
     return segmented_attention(q, k, v, q_pos, k_pos, segments_for(patch, module), table, module.scaling, key_valid)
+
+
+def _cached_attention(module, patch: Patch, q, k, v, q_pos, q_valid, cache) -> torch.Tensor:
+    """Append the new keys to the layer's cache, attend over what it holds, then let the policy evict."""
+    layer = layer_for(cache, module.layer_idx, patch.cache, _sliding_window(module))
+    batch, length = q_pos.shape
+    if q_valid is None:
+        q_valid = torch.ones(batch, length, dtype=torch.bool)
+    layer.append(k, v, q_pos, q_valid)
+    keys, values, k_pos, key_valid = layer.view()
+    attend_q_pos = q_pos
+    if patch.cache is not None and patch.cache.slot_positions:
+        k_pos = slots(key_valid)  # StreamingLLM: positions are cache slots, the queries' own at the end
+        attend_q_pos = k_pos[:, 0, -length:]
+    if bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
+        out = local_attention(module, q, keys, values, attend_q_pos, k_pos[:, 0], key_valid[:, 0])
+    else:  # heads hold different tokens: fold KV heads into the batch, each with its query group
+        b, hq, t, d = q.shape
+        hk = keys.shape[1]
+        out = local_attention(
+            module,
+            q.reshape(b * hk, hq // hk, t, d),
+            keys.reshape(b * hk, 1, -1, d),
+            values.reshape(b * hk, 1, -1, d),
+            attend_q_pos.repeat_interleave(hk, dim=0) if attend_q_pos.dim() == 2 else attend_q_pos.reshape(b * hk, t),
+            k_pos.reshape(b * hk, -1),
+            key_valid.reshape(b * hk, -1),
+        ).view(b, hq, t, d)
+    del keys, values
+    table = patch.table(int(attend_q_pos.max()) + 1)
+    layer.compress(
+        ScoreContext(layer, q, q_pos, q_valid, segments_for(patch, module), table, module.scaling, module.layer_idx,
+                     len(patch.modules))
+    )  # fmt: skip
+    if module is patch.modules[-1]:
+        patch.last_stats = cache_stats(cache)
+    return out
 
 
 def _attention_forward(
@@ -215,19 +266,16 @@ def _attention_forward(
         start = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
         position_ids = torch.arange(start, start + length, device=hidden_states.device)[None]
     q_pos = position_ids.expand(batch, length)
-    k_pos = q_pos
-    if past_key_values is not None:
-        k, v, k_pos = cached_positions.update(past_key_values, self.layer_idx, k, v, q_pos)
-
-    key_valid = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise LonglabError(
-                f"longlab takes a 2D padding mask (batch, keys); got a {attention_mask.dim()}D attention mask"
-            )
-        key_valid = attention_mask[:, -k.shape[2] :].bool()
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise LonglabError(
+            f"longlab takes a 2D padding mask (batch, keys); got a {attention_mask.dim()}D attention mask"
+        )
+    q_valid = attention_mask[:, -length:].bool() if attention_mask is not None else None
     if patch.scaling is not None:
         q = q * patch.scaling.query_scale(q_pos)[:, None, :, None].to(q.dtype)
-    out = (patch.attend or local_attention)(self, q, k, v, q_pos, k_pos, key_valid)
+    if past_key_values is None:
+        out = (patch.attend or local_attention)(self, q, k, v, q_pos, q_pos, q_valid)
+    else:
+        out = _cached_attention(self, patch, q, k, v, q_pos, q_valid, past_key_values)
     out = out.transpose(1, 2).reshape(batch, length, -1)
     return self.o_proj(out), None

@@ -14,7 +14,7 @@ from longlab.positions import (  # noqa: F401  (imported to register the methods
     plain,
     rerope,
     selfextend,
-    window,
+    sliding,
     yarn,
 )
 from longlab.positions.base import PositionMethod, ScalingMethod

@@ -1,0 +1,127 @@
+"""The cache layer longlab puts into a transformers ``Cache``: unrotated keys with their positions.
+
+Keys enter unrotated, each with its original position and a validity flag (left padding), per
+(batch row, KV head), so a policy may keep different tokens in different heads (DESIGN 2.1, 3.3).
+The layer reports the number of tokens *seen* as its sequence length, which is what transformers
+uses for the next token's position and the length of the attention mask; the number *held* is its
+own business. The bridge swaps an empty ``DynamicLayer`` for this one on first use, so it works with
+the cache ``generate()`` creates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+from longlab.cache.entries import Entries
+from longlab.cache.policy import CachePolicy, ScoreContext
+from longlab.errors import LonglabError
+
+
+class LonglabLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, policy: CachePolicy | None, sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.sliding_window = sliding_window
+        self.entries: Any = None  # Entries, or the policy's own store (quantized caches)
+        self.seen = 0
+        self.valid_seen: torch.Tensor | None = None  # (B,) real tokens seen per batch row
+        self.state: dict[str, torch.Tensor] = {}  # a policy's bounded per-layer state (SnapKV's window queries)
+
+    # -- the transformers layer interface ------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.kv_heads, self.head_dim = key_states.shape[1], key_states.shape[-1]
+        self.is_initialized = True
+
+    def update(self, *args: Any, **kwargs: Any):
+        raise LonglabError("this cache layer is written by longlab's attention; call longlab.reset(model) first")
+
+    def get_seq_length(self, *args: Any) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query: Any, *args: Any) -> tuple[int, int]:
+        # transformers passes the query length (recent versions) or the cache positions (older ones)
+        length = query if isinstance(query, int) else query.shape[-1]
+        return self.seen + length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.entries, self.seen, self.valid_seen, self.state = None, 0, None, {}
+        self.is_initialized = False
+
+    # -- longlab -------------------------------------------------------------------------------
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Add T new tokens: keys, values (B, Hk, T, d) unrotated; positions, valid (B, T)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        b, hk, t, _ = keys.shape
+        fields = {
+            "keys": keys,
+            "values": values,
+            "positions": positions.to(torch.int32)[:, None].expand(b, hk, t),
+            "valid": valid[:, None].expand(b, hk, t),
+        }
+        fields.update(self.policy.new_fields(fields) if self.policy is not None else {})
+        if self.entries is None:
+            self.entries = self.policy.new_store(fields) if self.policy is not None else Entries.from_dense(fields)
+        else:
+            self.entries.append(fields)
+        self.seen += t
+        counted = valid.sum(dim=1)
+        self.valid_seen = counted if self.valid_seen is None else self.valid_seen + counted
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """keys, values (B, Hk, N, d), positions (B, Hk, N) int64, valid (B, Hk, N) — newest last."""
+        e = self.entries
+        return e.dense("keys"), e.dense("values"), e.dense("positions").long(), e.dense("valid")
+
+    def compress(self, ctx: ScoreContext) -> None:
+        """After a forward call: the policy's eviction, then the model's own sliding window if any."""
+        if self.policy is not None:
+            self.policy.compress(ctx)
+        if self.sliding_window and isinstance(self.entries, Entries) and self.entries.longest > self.sliding_window:
+            # the layer's own window: no query will ever see keys further back (DESIGN 3.3: free them)
+            positions, valid = self.entries.dense("positions").long(), self.entries.dense("valid")
+            newest = positions.masked_fill(~valid, -1).amax(dim=(1, 2), keepdim=True)
+            self.entries.keep(positions > newest - self.sliding_window)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.entries is None else self.entries.nbytes + sum(x.nbytes for x in self.state.values())
+
+
+def layer_for(cache: Any, layer_idx: int, policy: CachePolicy | None, sliding_window: int | None) -> LonglabLayer:
+    """The longlab layer at ``layer_idx`` of a transformers cache, installed on first use."""
+    layers = cache.layers
+    if layer_idx < len(layers):
+        layer = layers[layer_idx]
+        if isinstance(layer, LonglabLayer):
+            return layer
+        if not isinstance(layer, DynamicLayer):
+            raise LonglabError(
+                "longlab keeps unrotated keys with their positions in its own cache layers; this cache layer is "
+                f"{type(layer).__name__}. Call generate() without cache_implementation, "
+                "or pass transformers.DynamicCache()."
+            )
+        if layer.get_seq_length() > 0:
+            raise LonglabError(
+                f"cache layer {layer_idx} holds {layer.get_seq_length()} keys written before longlab.apply "
+                "(rotated, without positions); start generation with a fresh cache"
+            )
+        layers[layer_idx] = LonglabLayer(policy, sliding_window)
+    elif layer_idx == len(layers):
+        layers.append(LonglabLayer(policy, sliding_window))
+    else:
+        raise LonglabError(f"cache layer {layer_idx} written before layer {len(layers)}")
+    return layers[layer_idx]

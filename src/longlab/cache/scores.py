@@ -1,0 +1,67 @@
+"""Attention probabilities for eviction scores, without an (L x L) matrix.
+
+H2O, TOVA and SnapKV score a key by the softmax probability queries give it. The probabilities
+must be those the model actually uses — under the active position method, whose segments rotate
+the same pair differently by distance (DESIGN 2.2) — so each query block's logits are assembled
+segment by segment (every admitted pair belongs to exactly one segment), soft-maxed over the keys,
+and summed over the block's queries. Memory is one (block x keys) slab per head, never (L x L).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from longlab.positions.rope import FrequencyTable, rotate
+from longlab.positions.segments import Segment
+
+QUERY_BLOCK = 64
+
+
+def attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    segments: Sequence[Segment],
+    table: FrequencyTable,
+    scale: float,
+    q_valid: torch.Tensor | None = None,
+    block: int = QUERY_BLOCK,
+) -> torch.Tensor:
+    """Sum over the queries of their attention probabilities to each key: (B, Hk, G, Tk) float32.
+
+    q (B, Hk, G, Tq, d): unrotated queries grouped by the KV head they read (G = query heads per KV
+    head); k (B, Hk, Tk, d) unrotated keys; q_pos (B, Hk, Tq), k_pos and key_valid (B, Hk, Tk) —
+    per head, since after eviction each head holds its own keys; q_valid (B, Tq) drops padding
+    queries. Causal by position.
+    """
+    b, hk, g, tq, _ = q.shape
+    total = torch.zeros(b, hk, g, k.shape[2], dtype=torch.float32)
+    k_float, q_float = k.float(), q.float()
+    rotated = [_rotate_per_head(k_float[:, :, None], segment.key_map(k_pos), table)[:, :, 0] for segment in segments]
+    for start in range(0, tq, block):
+        stop = min(start + block, tq)
+        distance = q_pos[:, :, start:stop, None] - k_pos[:, :, None, :]  # (B, Hk, bq, Tk)
+        logits = torch.full((b, hk, g, stop - start, k.shape[2]), -torch.inf)
+        for segment, k_rot in zip(segments, rotated, strict=True):
+            allowed = (distance >= max(segment.min_distance, 0)) & (distance < segment.max_distance)
+            allowed &= key_valid[:, :, None, :]
+            if segment.key_limit is not None:
+                allowed &= (k_pos < segment.key_limit)[:, :, None, :]
+            q_rot = _rotate_per_head(q_float[:, :, :, start:stop], segment.query_map(q_pos[:, :, start:stop]), table)
+            piece = torch.einsum("bhgqd,bhkd->bhgqk", q_rot, k_rot) * scale
+            logits = torch.where(allowed[:, :, None], piece, logits)
+        probabilities = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a row seeing no key gives nothing
+        if q_valid is not None:
+            probabilities *= q_valid[:, None, None, start:stop, None]
+        total += probabilities.sum(dim=3)
+    return total
+
+
+def _rotate_per_head(x: torch.Tensor, positions: torch.Tensor, table: FrequencyTable) -> torch.Tensor:
+    """Rotate x (B, Hk, G, T, d) at per-KV-head positions (B, Hk, T)."""
+    b, hk, g, t, d = x.shape
+    return rotate(x.reshape(b * hk, g, t, d), positions.reshape(b * hk, t), table).view(b, hk, g, t, d)

@@ -1,0 +1,67 @@
+"""``longlab.cache_stats``: what a cache holds, measured from its tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longlab.cache.layer import LonglabLayer
+from longlab.errors import LonglabError
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    tokens: list[list[int]]  # entries held per [batch row][KV head]
+    bytes_held: int  # every tensor of the layer: keys, values, positions, flags, policy state
+    bytes_full: int  # what an uncompressed transformers cache would hold for the tokens seen
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    seen: int  # tokens seen per batch row (padding included)
+    layers: list[LayerStats]
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(layer.bytes_held for layer in self.layers)
+
+    @property
+    def bytes_full(self) -> int:
+        return sum(layer.bytes_full for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """Bytes held / bytes a full cache would hold."""
+        return self.bytes_held / self.bytes_full if self.bytes_full else 1.0
+
+    def __str__(self) -> str:
+        kept = [t for layer in self.layers for row in layer.tokens for t in row]
+        return (
+            f"{len(self.layers)} layers, {self.seen} tokens seen, {min(kept)}-{max(kept)} kept per head; "
+            f"{self.bytes_held / 2**20:.2f} MiB held vs {self.bytes_full / 2**20:.2f} MiB full ({self.ratio:.1%})"
+        )
+
+
+def cache_stats(source: Any) -> CacheStats:
+    """Statistics of a cache, or of the cache a patched model wrote most recently (as it was after
+    the model's last forward call: the cache itself is not kept alive).
+
+    ``bytes_full`` follows DESIGN 3.3: 2 * kv_heads * head_dim * bytes per token and layer, in the
+    dtype of the layer's values, for every token seen.
+    """
+    patch = getattr(source, "_longlab_patch", None)
+    if patch is not None:
+        if patch.last_stats is None:
+            raise LonglabError("this model has not written a cache yet (run generate() or a forward with use_cache)")
+        return patch.last_stats
+    layers = [layer for layer in getattr(source, "layers", []) if isinstance(layer, LonglabLayer) and layer.entries]
+    if not layers:
+        raise LonglabError(f"{type(source).__name__} holds no longlab cache layers; apply longlab and run the model")
+    stats = []
+    for layer in layers:
+        counts = layer.entries.counts()
+        per_token = 2 * layer.kv_heads * layer.head_dim * torch.finfo(layer.dtype).bits // 8
+        stats.append(LayerStats(counts.tolist(), layer.nbytes, per_token * counts.shape[0] * layer.seen))
+    return CacheStats(layers[0].seen, stats)
