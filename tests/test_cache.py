@@ -17,10 +17,12 @@ from longlab.cache.layer import LonglabLayer
 from longlab.cache.policies.streaming import slots
 from longlab.cache.policy import ScoreContext
 from longlab.cache.quantized import QuantizedEntries, dequantize, pack4, quantize, unpack4
+from longlab.cache.scores import attention_mass
 from longlab.positions import FrequencyTable
 from longlab.positions.rope import base_inv_freq
 from models import build
 from reference import distances, inv_freq, rotate_pairwise
+from test_kernel import _LargestTensor
 
 B, HK, G, N, D = 2, 2, 2, 48, 16
 SCALE = D**-0.5
@@ -176,7 +178,9 @@ def test_bytes_held_are_the_kept_entries(spec):
     layer, _ = _compress(spec)
     per_entry = 2 * D * 8 + 4 + 1 + (4 if spec.startswith("h2o") else 0)  # keys, values, position, flag, score
     assert layer.entries.nbytes == int(layer.entries.counts().sum()) * per_entry
-    assert layer.nbytes >= layer.entries.nbytes
+    assert layer.nbytes == layer.entries.nbytes
+    window_state = B * HK * G * 4 * D * 8 + B * 4 * (8 + 1)  # SnapKV's 4 window queries, positions, flags
+    assert layer.state_nbytes == (window_state if spec.startswith("snapkv") else 0)
 
 
 # -- quantized caches -----------------------------------------------------------------------------
@@ -348,3 +352,21 @@ def test_policies_compose_with_position_methods_and_reject_two_caches():
 def test_bad_cache_specs_name_the_parameter(spec, message):
     with pytest.raises(longlab.SpecError, match=message):
         longlab.parse(spec)
+
+
+def _largest_scoring_tensor(length: int) -> int:
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, length, D, generator=gen), torch.randn(1, 1, length, D, generator=gen)
+    positions = torch.arange(length)[None, None]
+    table = FrequencyTable(base_inv_freq(D, 10000.0))
+    segments = longlab.parse("rerope:window=100")[0].segments()
+    with _LargestTensor() as probe:
+        attention_mass(q, k, positions, positions, torch.ones(1, 1, length, dtype=torch.bool), segments, table, 0.25)
+    return probe.largest
+
+
+def test_scores_over_every_query_never_build_an_l_by_l_matrix():
+    """H2O sums the attention of every prompt query: done in query blocks, memory linear in length."""
+    small, large = _largest_scoring_tensor(1024), _largest_scoring_tensor(4096)
+    assert large < 4096 * 4096 / 16, large
+    assert large <= 4 * small * 1.1

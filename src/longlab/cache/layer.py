@@ -98,7 +98,13 @@ class LonglabLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.entries is None else self.entries.nbytes + sum(x.nbytes for x in self.state.values())
+        """Bytes of the cache entries: keys, values, positions, flags and per-entry scores."""
+        return 0 if self.entries is None else self.entries.nbytes
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the policy's per-layer state (bounded, independent of the context length)."""
+        return sum(x.nbytes for x in self.state.values())
 
 
 def layer_for(cache: Any, layer_idx: int, policy: CachePolicy | None, sliding_window: int | None) -> LonglabLayer:

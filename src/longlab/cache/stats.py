@@ -14,7 +14,8 @@ from longlab.errors import LonglabError
 @dataclass(frozen=True)
 class LayerStats:
     tokens: list[list[int]]  # entries held per [batch row][KV head]
-    bytes_held: int  # every tensor of the layer: keys, values, positions, flags, policy state
+    bytes_held: int  # the entries: keys, values, positions, flags, per-entry scores
+    bytes_state: int  # the policy's bounded per-layer state (SnapKV's observation-window queries)
     bytes_full: int  # what an uncompressed transformers cache would hold for the tokens seen
 
 
@@ -26,6 +27,10 @@ class CacheStats:
     @property
     def bytes_held(self) -> int:
         return sum(layer.bytes_held for layer in self.layers)
+
+    @property
+    def bytes_state(self) -> int:
+        return sum(layer.bytes_state for layer in self.layers)
 
     @property
     def bytes_full(self) -> int:
@@ -40,7 +45,8 @@ class CacheStats:
         kept = [t for layer in self.layers for row in layer.tokens for t in row]
         return (
             f"{len(self.layers)} layers, {self.seen} tokens seen, {min(kept)}-{max(kept)} kept per head; "
-            f"{self.bytes_held / 2**20:.2f} MiB held vs {self.bytes_full / 2**20:.2f} MiB full ({self.ratio:.1%})"
+            f"{self.bytes_held / 2**20:.2f} MiB held vs {self.bytes_full / 2**20:.2f} MiB full ({self.ratio:.1%}), "
+            f"{self.bytes_state / 2**20:.2f} MiB policy state"
         )
 
 
@@ -63,5 +69,6 @@ def cache_stats(source: Any) -> CacheStats:
     for layer in layers:
         counts = layer.entries.counts()
         per_token = 2 * layer.kv_heads * layer.head_dim * torch.finfo(layer.dtype).bits // 8
-        stats.append(LayerStats(counts.tolist(), layer.nbytes, per_token * counts.shape[0] * layer.seen))
+        full = per_token * counts.shape[0] * layer.seen
+        stats.append(LayerStats(counts.tolist(), layer.nbytes, layer.state_nbytes, full))
     return CacheStats(layers[0].seen, stats)
