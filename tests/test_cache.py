@@ -51,8 +51,8 @@ def _compress(spec: str, layer_idx: int = 0, n_layers: int = 1, seed: int = 0) -
 
 
 def _kept(layer: LonglabLayer) -> list[list[set[int]]]:
-    positions, valid = layer.entries.dense("positions"), layer.entries.dense("valid")
-    return [[set(positions[b, h][valid[b, h]].tolist()) for h in range(HK)] for b in range(B)]
+    positions = layer.entries.dense("positions")
+    return [[set(positions[b, h][positions[b, h] >= 0].tolist()) for h in range(HK)] for b in range(B)]
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, queries: range) -> torch.Tensor:
@@ -85,7 +85,7 @@ def test_streaming_keeps_sinks_and_recent_and_assigns_slot_positions():
     # StreamingLLM's rule: the i-th held key is at position i; the next token's query at slot 16
     _, k, v = _tensors(1)
     layer.append(k[:, :, :1], v[:, :, :1], torch.full((B, 1), N), torch.ones(B, 1, dtype=torch.bool))
-    assert slots(layer.entries.dense("valid"))[0, 0].tolist() == list(range(17))
+    assert slots(layer.entries.dense("positions") >= 0)[0, 0].tolist() == list(range(17))
 
 
 def test_knorm_keeps_the_smallest_norms():
@@ -153,7 +153,7 @@ def test_adakv_shares_one_layer_budget_across_heads_by_score():
     counts = layer.entries.counts()
     assert counts.sum(dim=1).tolist() == [budget * HK] * B
     assert not layer.entries.equal  # heads hold different counts, stored packed
-    per_entry = 2 * D * 8 + 4 + 1
+    per_entry = 2 * D * 8 + 4  # keys, values, position
     assert layer.entries.nbytes == int(counts.sum()) * per_entry
 
 
@@ -176,7 +176,7 @@ def test_ratio_removes_that_fraction(ratio):
 )
 def test_bytes_held_are_the_kept_entries(spec):
     layer, _ = _compress(spec)
-    per_entry = 2 * D * 8 + 4 + 1 + (4 if spec.startswith("h2o") else 0)  # keys, values, position, flag, score
+    per_entry = 2 * D * 8 + 4 + (4 if spec.startswith("h2o") else 0)  # keys, values, position, score
     assert layer.entries.nbytes == int(layer.entries.counts().sum()) * per_entry
     assert layer.nbytes == layer.entries.nbytes
     window_state = B * HK * G * 4 * D * 8 + B * 4 * (8 + 1)  # SnapKV's 4 window queries, positions, flags
@@ -201,7 +201,7 @@ def test_quantization_error_is_at_most_half_a_step(bits):
 def test_quantized_cache_keeps_a_full_precision_residual(bits):
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(1, 2, 150, 32, generator=gen), torch.randn(1, 2, 150, 32, generator=gen)
-    meta = {"positions": torch.arange(150, dtype=torch.int32).expand(1, 2, 150), "valid": torch.ones(1, 2, 150).bool()}
+    meta = {"positions": torch.arange(150, dtype=torch.int32).expand(1, 2, 150)}
     first, rest = ({name: x[:, :, part] for name, x in meta.items()} for part in (slice(100), slice(100, None)))
     store = QuantizedEntries({"keys": keys[:, :, :100], "values": values[:, :, :100], **first}, bits, 64, 16)
     store.append({"keys": keys[:, :, 100:], "values": values[:, :, 100:], **rest})
@@ -214,7 +214,7 @@ def test_quantized_cache_keeps_a_full_precision_residual(bits):
     assert ((store.dense("values")[:, :, :128].reshape(v.shape) - v).abs() <= v_step / 2 + 1e-6).all()
     codes = 2 * 64 * 32 * bits // 8  # per block and tensor: heads x tokens x channels
     key_stats, value_stats = 2 * (2 * 32 * 4), 2 * (2 * 64 * 2 * 4)  # scale and zero, float32
-    tail, meta = 2 * (2 * 22 * 32 * 4), 2 * 150 * (4 + 1)
+    tail, meta = 2 * (2 * 22 * 32 * 4), 2 * 150 * 4
     assert store.nbytes == 2 * (2 * codes + key_stats + value_stats) + tail + meta
 
 

@@ -1,6 +1,6 @@
 """The cache layer longlab puts into a transformers ``Cache``: unrotated keys with their positions.
 
-Keys enter unrotated, each with its original position and a validity flag (left padding), per
+Keys enter unrotated, each with its original position (-1 for left padding), per
 (batch row, KV head), so a policy may keep different tokens in different heads (DESIGN 2.1, 3.3).
 The layer reports the number of tokens *seen* as its sequence length, which is what transformers
 uses for the next token's position and the length of the attention mask; the number *held* is its
@@ -55,6 +55,8 @@ class LonglabLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length  # the same question, as transformers < 5.3 asks it
+
     def reset(self) -> None:
         self.entries, self.seen, self.valid_seen, self.state = None, 0, None, {}
         self.is_initialized = False
@@ -66,12 +68,9 @@ class LonglabLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
         b, hk, t, _ = keys.shape
-        fields = {
-            "keys": keys,
-            "values": values,
-            "positions": positions.to(torch.int32)[:, None].expand(b, hk, t),
-            "valid": valid[:, None].expand(b, hk, t),
-        }
+        # a padding token is stored at position -1: the flag costs no extra byte
+        positions = positions.to(torch.int32).masked_fill(~valid, -1)
+        fields = {"keys": keys, "values": values, "positions": positions[:, None].expand(b, hk, t)}
         fields.update(self.policy.new_fields(fields) if self.policy is not None else {})
         if self.entries is None:
             self.entries = self.policy.new_store(fields) if self.policy is not None else Entries.from_dense(fields)
@@ -84,7 +83,8 @@ class LonglabLayer(CacheLayerMixin):
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """keys, values (B, Hk, N, d), positions (B, Hk, N) int64, valid (B, Hk, N) — newest last."""
         e = self.entries
-        return e.dense("keys"), e.dense("values"), e.dense("positions").long(), e.dense("valid")
+        positions = e.dense("positions").long()
+        return e.dense("keys"), e.dense("values"), positions, positions >= 0
 
     def compress(self, ctx: ScoreContext) -> None:
         """After a forward call: the policy's eviction, then the model's own sliding window if any."""
@@ -92,13 +92,13 @@ class LonglabLayer(CacheLayerMixin):
             self.policy.compress(ctx)
         if self.sliding_window and isinstance(self.entries, Entries) and self.entries.longest > self.sliding_window:
             # the layer's own window: no query will ever see keys further back (DESIGN 3.3: free them)
-            positions, valid = self.entries.dense("positions").long(), self.entries.dense("valid")
-            newest = positions.masked_fill(~valid, -1).amax(dim=(1, 2), keepdim=True)
+            positions = self.entries.dense("positions").long()
+            newest = positions.amax(dim=(1, 2), keepdim=True)
             self.entries.keep(positions > newest - self.sliding_window)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the cache entries: keys, values, positions, flags and per-entry scores."""
+        """Bytes of the cache entries: keys, values, positions and per-entry scores."""
         return 0 if self.entries is None else self.entries.nbytes
 
     @property

@@ -53,7 +53,7 @@ class ScoreContext:
 
     @property
     def valid(self) -> torch.Tensor:
-        return self.layer.entries.dense("valid")
+        return self.layer.entries.dense("positions") >= 0
 
     def mass(self, q: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor) -> torch.Tensor:
         """Attention probability each held entry receives from queries q (B, Hq, T, d), summed over

@@ -61,7 +61,7 @@ class QuantizedBlock:
 
 
 class QuantizedEntries:
-    """The :class:`Entries` interface over quantized keys and values; positions and validity stay exact.
+    """The :class:`Entries` interface over quantized keys and values; positions stay exact.
 
     Quantized caches evict nothing, so every row holds the same tokens; :meth:`dense` dequantizes the
     layer's keys or values (a transient of one layer's full-precision size) for the attention call.
@@ -72,7 +72,7 @@ class QuantizedEntries:
         self.group = group if fields["values"].shape[-1] % group == 0 else fields["values"].shape[-1]
         self.blocks: list[QuantizedBlock] = []
         self.tail = {"keys": fields["keys"][:, :, :0], "values": fields["values"][:, :, :0]}
-        self.meta = Entries.from_dense({"positions": fields["positions"], "valid": fields["valid"]})
+        self.meta = Entries.from_dense({"positions": fields["positions"]})
         self._add(fields["keys"], fields["values"])
 
     def _add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -85,7 +85,7 @@ class QuantizedEntries:
         self.tail = {"keys": keys[:, :, full:].clone(), "values": values[:, :, full:].clone()}
 
     def append(self, fields: dict[str, torch.Tensor]) -> None:
-        self.meta.append({"positions": fields["positions"], "valid": fields["valid"]})
+        self.meta.append({"positions": fields["positions"]})
         self._add(fields["keys"], fields["values"])
 
     def dense(self, name: str) -> torch.Tensor:

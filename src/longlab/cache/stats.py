@@ -14,7 +14,7 @@ from longlab.errors import LonglabError
 @dataclass(frozen=True)
 class LayerStats:
     tokens: list[list[int]]  # entries held per [batch row][KV head]
-    bytes_held: int  # the entries: keys, values, positions, flags, per-entry scores
+    bytes_held: int  # the entries: keys, values, positions, per-entry scores
     bytes_state: int  # the policy's bounded per-layer state (SnapKV's observation-window queries)
     bytes_full: int  # what an uncompressed transformers cache would hold for the tokens seen
 

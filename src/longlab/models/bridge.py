@@ -62,7 +62,7 @@ class Patch:
         return self._tables[seq_len]
 
 
-def _padding_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs: Any):
+def _padding_mask(batch_size: int, q_length: int | None = None, kv_length: int = 0, attention_mask=None, **kwargs: Any):
     """Mask "implementation" for longlab: the boolean padding mask of the keys, or None."""
     if attention_mask is None:
         return None
