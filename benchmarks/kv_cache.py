@@ -75,7 +75,6 @@ def _measure(spec: str, length: int, steps: int, threads: int) -> dict:
         "length": length,
         "bytes_held": stats.bytes_held,
         "bytes_full": stats.bytes_full,
-        "bytes_state": stats.bytes_state,
         "peak_extra": peak,
         "prefill_s": prefill,
         "decode_tokens_per_s": steps / decode,
@@ -98,7 +97,7 @@ def _row(r: dict, full: dict) -> str:
     mib = 2**20
     return (
         f"| {r['length']} | `{r['spec']}` | {r['bytes_held'] / mib:.2f} ({r['bytes_held'] / full['bytes_held']:.3f}×) "
-        f"| {bound} | {r['bytes_state'] / mib:.2f} | {r['peak_extra'] / mib:.0f} ({r['peak_extra'] / full['peak_extra']:.2f}×) "
+        f"| {bound} | {r['peak_extra'] / mib:.0f} ({r['peak_extra'] / full['peak_extra']:.2f}×) "
         f"| {r['prefill_s']:.2f} ({r['prefill_s'] / full['prefill_s']:.2f}×) "
         f"| {r['decode_tokens_per_s']:.1f} ({r['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}×) "
         f"| {r['kept_after_decode']} |"
@@ -125,10 +124,10 @@ def main() -> None:
         f"{args.steps} decode steps; ratios are to `full` at the same length\n"
     )
     print(
-        "| L | policy | cache MiB held | budget/L × full MiB | policy state MiB | peak extra MiB in prefill "
+        "| L | policy | cache MiB held | budget/L × full MiB | peak extra MiB in prefill "
         "| prefill s | decode tokens/s | max kept per head after decode |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     results = []
     for length in [int(x) for x in args.lengths.split(",")]:
         full = None

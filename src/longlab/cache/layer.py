@@ -32,7 +32,6 @@ class LonglabLayer(CacheLayerMixin):
         self.entries: Any = None  # Entries, or the policy's own store (quantized caches)
         self.seen = 0
         self.valid_seen: torch.Tensor | None = None  # (B,) real tokens seen per batch row
-        self.state: dict[str, torch.Tensor] = {}  # a policy's bounded per-layer state (SnapKV's window queries)
 
     # -- the transformers layer interface ------------------------------------------------------
 
@@ -58,7 +57,7 @@ class LonglabLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # the same question, as transformers < 5.3 asks it
 
     def reset(self) -> None:
-        self.entries, self.seen, self.valid_seen, self.state = None, 0, None, {}
+        self.entries, self.seen, self.valid_seen = None, 0, None
         self.is_initialized = False
 
     # -- longlab -------------------------------------------------------------------------------
@@ -100,11 +99,6 @@ class LonglabLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes of the cache entries: keys, values, positions and per-entry scores."""
         return 0 if self.entries is None else self.entries.nbytes
-
-    @property
-    def state_nbytes(self) -> int:
-        """Bytes of the policy's per-layer state (bounded, independent of the context length)."""
-        return sum(x.nbytes for x in self.state.values())
 
 
 def layer_for(cache: Any, layer_idx: int, policy: CachePolicy | None, sliding_window: int | None) -> LonglabLayer:

@@ -15,7 +15,6 @@ from longlab.errors import LonglabError
 class LayerStats:
     tokens: list[list[int]]  # entries held per [batch row][KV head]
     bytes_held: int  # the entries: keys, values, positions, per-entry scores
-    bytes_state: int  # the policy's bounded per-layer state (SnapKV's observation-window queries)
     bytes_full: int  # what an uncompressed transformers cache would hold for the tokens seen
 
 
@@ -27,10 +26,6 @@ class CacheStats:
     @property
     def bytes_held(self) -> int:
         return sum(layer.bytes_held for layer in self.layers)
-
-    @property
-    def bytes_state(self) -> int:
-        return sum(layer.bytes_state for layer in self.layers)
 
     @property
     def bytes_full(self) -> int:
@@ -45,8 +40,7 @@ class CacheStats:
         kept = [t for layer in self.layers for row in layer.tokens for t in row]
         return (
             f"{len(self.layers)} layers, {self.seen} tokens seen, {min(kept)}-{max(kept)} kept per head; "
-            f"{self.bytes_held / 2**20:.2f} MiB held vs {self.bytes_full / 2**20:.2f} MiB full ({self.ratio:.1%}), "
-            f"{self.bytes_state / 2**20:.2f} MiB policy state"
+            f"{self.bytes_held / 2**20:.2f} MiB held vs {self.bytes_full / 2**20:.2f} MiB full ({self.ratio:.1%})"
         )
 
 
@@ -70,5 +64,5 @@ def cache_stats(source: Any) -> CacheStats:
         counts = layer.entries.counts()
         per_token = 2 * layer.kv_heads * layer.head_dim * torch.finfo(layer.dtype).bits // 8
         full = per_token * counts.shape[0] * layer.seen
-        stats.append(LayerStats(counts.tolist(), layer.nbytes, layer.state_nbytes, full))
+        stats.append(LayerStats(counts.tolist(), layer.nbytes, full))
     return CacheStats(layers[0].seen, stats)

@@ -19,8 +19,9 @@ class SnapKV(EvictionPolicy):
     section 4.2, algorithm 1): a key's score is the attention the last ``window`` queries give it,
     summed over the window and averaged over the query heads of its KV head, then smoothed by 1-D
     average pooling of width ``kernel``; keep the top ``budget`` per head and always the window itself
-    (DESIGN 3.3). Query-aware when the question ends the prompt: its tokens are the window. The window
-    queries (unrotated, at most ``window`` per layer) are kept so decoding steps score the same way."""
+    (DESIGN 3.3). Query-aware when the question ends the prompt: its tokens are the window. The
+    window is the last queries of the current call — a prompt, a prefill chunk, or while decoding the
+    one new token — so no queries are kept between calls."""
 
     name = "snapkv"
     query_aware = True
@@ -36,21 +37,9 @@ class SnapKV(EvictionPolicy):
                 f"{self.name}: parameter 'kernel' must be odd (a centred pooling window), got {self.kernel}"
             )
 
-    def observation(self, ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The last ``window`` queries seen by this layer (this call's and earlier calls')."""
-        state = ctx.layer.state
-        q, pos, valid = ctx.q, ctx.q_pos, ctx.q_valid
-        if "queries" in state:
-            q = torch.cat((state["queries"], q), dim=2)
-            pos = torch.cat((state["query_positions"], pos), dim=1)
-            valid = torch.cat((state["query_valid"], valid), dim=1)
-        state["queries"], state["query_positions"], state["query_valid"] = (
-            q[:, :, -self.window :].contiguous(), pos[:, -self.window :], valid[:, -self.window :]
-        )  # fmt: skip
-        return state["queries"], state["query_positions"], state["query_valid"]
-
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
-        mass = ctx.mass(*self.observation(ctx))
+        window = slice(-self.window, None)
+        mass = ctx.mass(ctx.q[:, :, window], ctx.q_pos[:, window], ctx.q_valid[:, window])
         b, hk, n = mass.shape
         pooled = F.avg_pool1d(mass.view(b * hk, 1, n), self.kernel, stride=1, padding=self.kernel // 2)
         return protect(pooled.view(b, hk, n).double(), recent(ctx.positions, ctx.valid, self.window))
