@@ -1,7 +1,8 @@
 """Sequence-parallel benchmark: the bundled model's forward + backward at a fixed total length, split
 over 1, 2 and 4 processes (gloo on CPU), launched with torchrun exactly as a user would.
 
-For every configuration it prints, per rank (worst rank shown): peak memory, step time, the attention
+For every configuration it prints, per rank (worst rank shown): peak memory, step wall time, step CPU
+time, the CPU time inside the attention kernels (min-max over ranks), the attention
 bytes the rank sent (measured by longlab's counters) next to the analytic volume (ring forward:
 (N-1)/N of the global K+V per layer), and the attention FLOPs per rank (min-max, to show balance).
 
@@ -59,11 +60,13 @@ def row(world: int, mode: str, layout: str, result: dict) -> str:
     ranks = result["ranks"]
     worst = lambda key: max(r[key] for r in ranks)  # noqa: E731
     flops = [r["forward_flops"] / 1e9 for r in ranks]
+    kernel = [r["attention_cpu_s"] for r in ranks]
     fwd, fwd_analytic = worst("forward_bytes"), worst("analytic_forward_bytes")
     step, step_analytic = worst("step_bytes"), worst("analytic_step_bytes")
     ratio = f"{fwd / fwd_analytic:.3f}" if fwd_analytic else "-"
     return (
         f"| {world} | {mode} | {layout} | {ranks[0]['tokens']} | {worst('peak_mb'):.0f} | {worst('step_s'):.2f} | "
+        f"{worst('step_cpu_s'):.2f} | {min(kernel):.2f}–{max(kernel):.2f} | "
         f"{fwd / MIB:.1f} | {fwd_analytic / MIB:.1f} | {ratio} | {step / MIB:.1f} | {step_analytic / MIB:.1f} | "
         f"{min(flops):.1f}–{max(flops):.1f} | {ranks[0]['loss']:.4f} |"
     )
@@ -78,10 +81,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"bundled tiny model, {args.length} tokens, batch 1, fp32, spec {args.spec!r}, 1 thread per rank, gloo")
     print(
-        "| ranks | mode | layout | tokens/rank | peak MiB/rank | step s | fwd sent MiB/rank | analytic | ratio | "
+        "| ranks | mode | layout | tokens/rank | peak MiB/rank | step s | step CPU s/rank | attn kernel CPU s/rank | "
+        "fwd sent MiB/rank | analytic | ratio | "
         "fwd+bwd sent MiB/rank | analytic | attn fwd GFLOP/rank | loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|" + "---|" * 15)
     for config in args.configs:
         world, mode, layout = config.split(":")
         result = run(int(world), mode, layout, args.length, args.steps, args.spec)

@@ -24,9 +24,11 @@ from longlab.parallel import (
     SequenceLayout,
     reset_stats,
     ring_attention,
+    ring_segmented_attention,
     shard,
     stats,
     ulysses_attention,
+    ulysses_segmented_attention,
 )
 from longlab.positions.rope import RopeConfig, base_inv_freq
 
@@ -103,6 +105,32 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     }
 
 
+def _padded_inputs(world: int):
+    """Left-padded batch (row 1 starts with 21 padding tokens), positions as generate() assigns them."""
+    case = Case("padded", "ring", "contiguous", SPECS[2], 32 * world, heads=8, kv_heads=4, seed=11)
+    q, k, v, grad = _inputs(case)
+    valid = torch.ones(case.batch, case.length, dtype=torch.bool)
+    valid[1, :21] = False
+    pos = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+    return case, q, k, v, grad, valid, pos
+
+
+def _run_padded(rank: int, world: int) -> dict:
+    """The kernel-level entry points with a padding mask: contiguous split, no padding at the end."""
+    case, q, k, v, grad, valid, pos = _padded_inputs(world)
+    layout = SequenceLayout("contiguous", world, case.length)
+    method = longlab.parse(case.spec)[0].resolve(ROPE)
+    table = method.table(ROPE, int(pos.max()) + 1)
+    results = {}
+    for name, fn in (("ring", ring_segmented_attention), ("ulysses", ulysses_segmented_attention)):
+        local = [layout.split(x, rank, dim=2).requires_grad_() for x in (q, k, v)]
+        p, m = layout.split(pos, rank), layout.split(valid, rank)
+        out = fn(*local, p, p, method.segments(), table, 0.25, m, block_size=8)
+        out.backward(layout.split(grad, rank, dim=2))
+        results[name] = {"out": out.detach(), "grads": [x.grad for x in local]}
+    return results
+
+
 def _run_model(rank: int, world: int, spec: str, algorithm: str, layout: str, length: int) -> dict:
     # use_cache is left to the model's default for Ulysses: shard() must turn the KV cache off
     model, _ = longlab.load("tiny", dtype=torch.float32)
@@ -140,6 +168,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, with_model: bool) ->
                 results["errors"][name] = None
             except LonglabError as error:
                 results["errors"][name] = str(error)
+        results["padded"] = _run_padded(rank, world)
         if with_model:
             results["model-ring"] = _run_model(rank, world, "selfextend:group=4,window=64", "ring", "zigzag", 301)
             results["model-ulysses"] = _run_model(rank, world, "yarn:factor=4", "ulysses", "zigzag", 301)
@@ -185,6 +214,21 @@ def _check_cases(results: list[dict], world: int) -> None:
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=f"{case.name} grad {'qkv'[i]}")
 
 
+def _check_padded(results: list[dict], world: int) -> None:
+    case, q, k, v, grad, valid, pos = _padded_inputs(world)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    method = longlab.parse(case.spec)[0].resolve(ROPE)
+    table = method.table(ROPE, int(pos.max()) + 1)
+    want = segmented_attention(q, k, v, pos, pos, method.segments(), table, 0.25, valid)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    layout = SequenceLayout("contiguous", world, case.length)
+    for name in ("ring", "ulysses"):
+        shards = [r["padded"][name] for r in results]
+        torch.testing.assert_close(layout.assemble([s["out"] for s in shards], 2), want, atol=1e-5, rtol=0)
+        for i, w in enumerate(want_grads):
+            torch.testing.assert_close(layout.assemble([s["grads"][i] for s in shards], 2), w, atol=1e-4, rtol=0)
+
+
 def _check_ring_bytes(results: list[dict], world: int) -> None:
     """Ring forward sends (N-1)/N of the global K+V per call; the backward K/V again plus dK/dV (N hops)."""
     for case in _cases(world):
@@ -212,12 +256,14 @@ def _check_errors(results: list[dict], world: int) -> None:
 
 def test_world2_matches_single_process(world2):
     _check_cases(world2, 2)
+    _check_padded(world2, 2)
     _check_ring_bytes(world2, 2)
     _check_errors(world2, 2)
 
 
 def test_world4_matches_single_process(world4):
     _check_cases(world4, 4)
+    _check_padded(world4, 4)
     _check_ring_bytes(world4, 4)
     _check_errors(world4, 4)
 

@@ -154,7 +154,8 @@ def methods() -> list[dict[str, Any]]:
     for name, cls in sorted(REGISTRY.items(), key=lambda item: (KINDS.index(item[1].kind), item[0])):
         params = {}
         for f in dataclasses.fields(cls):
-            default = "required" if _required(f) else ("from model" if f.default is None else f.default)
+            unset = "from model" if cls.kind != "cache" else "unset"  # cache policies take nothing from the model
+            default = "required" if _required(f) else (unset if f.default is None else f.default)
             params[f.name] = {"type": _type_name(field_types(cls)[f.name]), "default": default}
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         table.append({"name": name, "kind": cls.kind, "parameters": params, "summary": summary})

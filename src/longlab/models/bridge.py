@@ -276,6 +276,10 @@ def _attention_forward(
     if past_key_values is None:
         out = (patch.attend or local_attention)(self, q, k, v, q_pos, q_pos, q_valid)
     else:
+        if patch.attend is not None:
+            raise LonglabError(
+                "this model's attention is sequence-parallel (longlab.parallel.shard); call it with use_cache=False"
+            )
         out = _cached_attention(self, patch, q, k, v, q_pos, q_valid, past_key_values)
     out = out.transpose(1, 2).reshape(batch, length, -1)
     return self.o_proj(out), None

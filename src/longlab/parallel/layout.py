@@ -3,9 +3,10 @@
 - ``contiguous``: rank r holds tokens [r L/N, (r+1) L/N). Under causal attention the last rank's
   queries see the whole sequence and the first rank's see one chunk: work grows linearly with rank.
 - ``zigzag``: the sequence is cut into 2N chunks and rank r holds chunks r and 2N-1-r (the
-  load-balanced layout of ring-flash-attention, after Brandon et al., 2023, "Striped Attention:
-  Faster Ring Attention for Causal Transformers", which balances by striping). Every rank then
-  holds one early and one late chunk, and its causal work is the same 2N c^2 (+ c) pairs.
+  load-balanced layout of ring-flash-attention and Megatron-LM's context parallelism; Brandon et
+  al., 2023, "Striped Attention: Faster Ring Attention for Causal Transformers", balance the same
+  work by striping tokens instead). Every rank holds one early and one late chunk, and its causal
+  work is the same 2N c^2 + c pairs.
 
 Lengths that do not divide. The global sequence is padded at its *end* to a multiple of N (contiguous)
 or 2N (zigzag). Padding tokens get the positions that continue the sequence (L, L+1, ...), so under

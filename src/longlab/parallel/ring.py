@@ -21,6 +21,7 @@ at whatever positions its segments assign, and keys in a query's future are skip
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,11 +75,9 @@ class RingAttention(torch.autograd.Function):
         heads_batch = q.shape[0] * q.shape[1]
         acc = lse = None
         layouts = []
-        buffer, kb, vb = None, k, v
+        buffer, kb, vb = (pack(k, v) if world > 1 else None), k, v
         for step in range(world):
             # Post the next hop before computing on this block: transfer overlaps compute.
-            if step == 0 and world > 1:
-                buffer = pack(k, v)
             pending = comm.ring_exchange(buffer, KV_TAG, "kv") if step + 1 < world else None
             owner = (rank - step) % world
             layout = _plan(q_pos, blocks[owner], segments, block_size, owner == rank)
@@ -87,11 +86,13 @@ class RingAttention(torch.autograd.Function):
             if pairs:
                 stats().add_forward(heads_batch * pairs, q.shape[-1])
                 k_pos_b, valid_b = blocks[owner]
+                started = time.thread_time()
                 out, piece_lse = partial_forward(q, kb, vb, q_pos, k_pos_b, valid_b, segments, table, scale, layout)
                 if acc is None:
                     acc, lse = out, piece_lse
                 else:
                     merge_into(acc, lse, out, piece_lse)
+                stats().forward_cpu_s += time.thread_time() - started
             if pending is not None:
                 buffer = pending.wait()
                 kb, vb = unpack(buffer, k.shape, v.shape)
@@ -122,9 +123,11 @@ class RingAttention(torch.autograd.Function):
             k_pos_b, valid_b = blocks[owner]
             if pairs:
                 stats().add_backward(heads_batch * pairs, q.shape[-1])
+                started = time.thread_time()
                 dq_b, dk_b, dv_b = partial_backward(
                     grad_out, q, kb, vb, q_pos, k_pos_b, valid_b, segments, table, scale, layout, out, lse
                 )
+                stats().backward_cpu_s += time.thread_time() - started
                 dq = dq_b if dq is None else dq.add_(dq_b)
                 share = pack(dk_b, dv_b)
             else:

@@ -17,6 +17,9 @@ Definitions
   skipped tiles count nothing, and a pair computed by two segments counts twice.
 - **FLOPs**: ``4 d`` per forward score evaluation (``q.k`` and ``p v``, 2 FLOPs per multiply-add) and
   ``10 d`` per backward one (scores recomputed, ``dP = dO v``, ``dV``, ``dQ``, ``dK``).
+- **kernel CPU seconds** (``forward_cpu_s``, ``backward_cpu_s``): CPU time of the calling thread inside
+  the kernel calls (``time.thread_time``), so time spent waiting for a message or for a core shared
+  with other ranks is not counted: on an oversubscribed machine it still shows each rank's own work.
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ class Stats:
     backward_pairs: int = 0
     forward_flops: int = 0
     backward_flops: int = 0
+    forward_cpu_s: float = 0.0
+    backward_cpu_s: float = 0.0
     calls: int = 0  # sequence-parallel attention forward calls
 
     def reset(self) -> None:
         self.bytes_sent.clear()
         self.forward_pairs = self.backward_pairs = self.forward_flops = self.backward_flops = self.calls = 0
+        self.forward_cpu_s = self.backward_cpu_s = 0.0
 
     @property
     def total_bytes(self) -> int:
@@ -72,6 +78,8 @@ class Stats:
             "backward_pairs": self.backward_pairs,
             "forward_flops": self.forward_flops,
             "backward_flops": self.backward_flops,
+            "forward_cpu_s": self.forward_cpu_s,
+            "backward_cpu_s": self.backward_cpu_s,
             "calls": self.calls,
         }
 

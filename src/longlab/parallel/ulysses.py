@@ -13,6 +13,7 @@ all-to-all, written here as two small autograd Functions so q, k and v share one
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -130,8 +131,13 @@ def ulysses_segmented_attention(
     identity = bool((order == torch.arange(order.numel(), device=order.device)).all())
     if not identity:
         q_all, k_all, valid_all = q_all[:, order], k_all[:, order], valid_all[:, order]
-    if not (bool((q_all.diff(dim=1) >= 0).all()) and bool((q_all == k_all).all())):
-        raise LonglabError("Ulysses needs q and k at the same positions, in one order that sorts every batch row")
+    # Padding tokens may sit anywhere (generate() gives left padding position 1); real ones must ascend.
+    ascending = all(bool((row[keep].diff() >= 0).all()) for row, keep in zip(q_all, valid_all, strict=True))
+    if not (ascending and bool((q_all == k_all).all())):
+        raise LonglabError(
+            "Ulysses needs q and k at the same positions, and one token order in which every batch row's "
+            "real tokens have increasing positions"
+        )
     key_valid_all = None if bool(valid_all.all()) else valid_all
 
     qh, kh, vh = SeqToHeads.apply(comm, q, k, v)
@@ -154,12 +160,18 @@ class _CountedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout, work):
         ctx.work = work
-        return SegmentedAttention.forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout)
+        started = time.thread_time()
+        out = SegmentedAttention.forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout)
+        stats().forward_cpu_s += time.thread_time() - started
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         stats().add_backward(*ctx.work)
-        return (*SegmentedAttention.backward(ctx, grad_out), None)
+        started = time.thread_time()
+        grads = SegmentedAttention.backward(ctx, grad_out)
+        stats().backward_cpu_s += time.thread_time() - started
+        return (*grads, None)
 
 
 def ulysses_attention(
