@@ -18,8 +18,8 @@ from longlab.spec import format_spec, methods, parse
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheStats",
     "SUPPORTED_FAMILIES",
+    "CacheStats",
     "LonglabError",
     "SpecError",
     "UnsupportedModelError",
