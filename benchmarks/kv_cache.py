@@ -31,35 +31,23 @@ def policies(budgets: list[int]) -> list[str]:
     return rows
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-
-
 def _measure(spec: str, length: int, steps: int, threads: int) -> dict:
     import torch
 
     import longlab
+    from longlab.eval import memory
 
     torch.set_num_threads(threads)
     model, _ = longlab.load("tiny")
     longlab.apply(model, spec)
     ids = torch.randint(10, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    _reset_peak()
-    baseline = _status("VmRSS")
+    memory.reset_peak()
+    baseline = memory.resident_bytes()
     with torch.no_grad():
         start = time.perf_counter()
         out = model(ids, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - start
-        peak = _status("VmHWM") - baseline
+        peak = memory.peak_bytes() - baseline
         stats = longlab.cache_stats(model)
         cache = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)

@@ -31,19 +31,6 @@ METHODS = ["snapkv", "streaming", "tova", "knorm"]
 IMPLEMENTATIONS = ["kvpress", "longlab", "longlab chunked"]
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _press(method: str, ratio: float):
     import kvpress
 
@@ -80,6 +67,7 @@ def _measure(implementation: str, method: str, ratio: float, args) -> dict:
     from transformers import DynamicCache
 
     import longlab
+    from longlab.eval import memory
     from longlab.eval.generation import encode
     from longlab.eval.synthetic import passkey
 
@@ -96,13 +84,13 @@ def _measure(implementation: str, method: str, ratio: float, args) -> dict:
             longlab.apply(model, _spec(method, ratio, ids.shape[1], chunk))
             context = contextlib.nullcontext()
         cache = DynamicCache()
-        _reset_peak()
-        baseline = _status("VmRSS")
+        memory.reset_peak()
+        baseline = memory.resident_bytes()
         start = time.perf_counter()
         with torch.no_grad():
             with context:
                 out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            peaks.append(_status("VmHWM") - baseline)
+            peaks.append(memory.peak_bytes() - baseline)
             prefill_bytes.append(_cache_bytes(implementation, model, cache))
             tokens = [out.logits[:, -1:].argmax(-1)]
             for step in range(args.new_tokens - 1):

@@ -7,7 +7,6 @@ interrupted run loses at most the sample in flight; rerunning with the same ``--
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 import longlab
 from longlab.errors import LonglabError
+from longlab.eval import memory
 from longlab.eval.generation import encode, generate_answers, token_losses
 from longlab.eval.synthetic import Sample
 from longlab.eval.tasks import Task, parse_task
@@ -67,19 +67,9 @@ def parse_length(text: str) -> int:
 # -- measurement helpers --------------------------------------------------------------------------
 
 
-def _reset_peak_memory() -> None:
-    with contextlib.suppress(OSError):  # Linux: writing 5 resets this process's peak resident size (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
-
-
 def _peak_memory_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    peak = memory.peak_bytes()
+    return None if peak is None else peak / 2**20
 
 
 def _available_bytes() -> int:
@@ -231,7 +221,7 @@ def run(config: EvalConfig) -> Path:
         cell = tqdm(total=len(todo), desc=f"{method} | {subtask} | {length}", unit="sample", leave=False)
         if task.kind == "perplexity":
             for i in todo:
-                _reset_peak_memory()
+                memory.reset_peak()
                 began = time.perf_counter()
                 row = perplexity_sample(model, held_out, length, i, count, task.stride_fraction)
                 _record(results, method, subtask, length, i, config.seed, began, row)
@@ -241,7 +231,7 @@ def run(config: EvalConfig) -> Path:
             samples = prepared[subtask, length]
             for batch in _batches(todo, config.batch_size):
                 prompts = [encode(tokenizer, samples[i].prompt, config.chat) for i in batch]
-                _reset_peak_memory()
+                memory.reset_peak()
                 began = time.perf_counter()
                 answers = generate_answers(model, tokenizer, prompts, task.new_tokens(subtask))
                 for i, prompt, answer in zip(batch, prompts, answers, strict=True):
