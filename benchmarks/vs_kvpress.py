@@ -131,11 +131,11 @@ def main() -> None:
         print(json.dumps(_measure(implementation, method, float(ratio), args)))
         return
 
-    import kvpress
+    from importlib.metadata import version
 
     print(
         f"bundled tiny model, fp32, passkey at {args.length} tokens, {args.samples} samples, "
-        f"{args.new_tokens} new tokens, kvpress {kvpress.__version__ if hasattr(kvpress, '__version__') else ''}\n"
+        f"{args.new_tokens} new tokens, kvpress {version('kvpress')}, transformers {version('transformers')}\n"
     )
     print("| method | ratio | implementation | passkey % | cache KiB after prefill | after decoding | peak extra MiB |")
     print("|---|---|---|---|---|---|---|")
