@@ -7,7 +7,10 @@ free the rest (DESIGN 3.3: savings are real, never masks).
 
 Budgets (DESIGN 3.3): ``budget=N`` keeps N entries per head; ``ratio=r`` is the compression ratio,
 the fraction of tokens removed, so ceil((1 - r) * n) of the n tokens seen stay. During decoding the
-target is re-applied after every step, so the cache never grows past it.
+target is re-applied after every step, so the cache never grows past it. While decoding, an
+eviction frees 1/32 of the target more than it must (``DECODE_SLACK``), so the scoring runs once
+every ~target/32 steps instead of after every token: the cache then holds between 31/32 of its
+target and the target.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from longlab.positions.segments import Segment
 
 if TYPE_CHECKING:
     from longlab.cache.layer import LonglabLayer
+
+DECODE_SLACK = 1 / 32
 
 
 @dataclass
@@ -134,6 +139,8 @@ class EvictionPolicy(CachePolicy):
         target = self.target(ctx)
         if not self.over_budget(ctx.layer.entries.counts(), target) and bool(ctx.valid.all()):
             return
+        if ctx.q.shape[2] == 1:  # a decoding step: make room for the next few steps too
+            target = target - torch.floor(target * DECODE_SLACK).long()
         ctx.layer.entries.keep(self.select(ctx, self.scores(ctx), target))
 
 
