@@ -95,13 +95,17 @@ def test_knorm_keeps_the_smallest_norms():
     assert _kept(layer) == [[_top(-norms[b, h], 15) for h in range(HK)] for b in range(B)]
 
 
-def test_snapkv_pools_window_attention_and_keeps_the_window():
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_snapkv_pools_window_attention_and_keeps_the_window(pooling):
     window, kernel, budget = 8, 5, 20
-    layer, q = _compress(f"snapkv:budget={budget},window={window},kernel={kernel}")
+    layer, q = _compress(f"snapkv:budget={budget},window={window},kernel={kernel},pooling={pooling}")
     _, k, _ = _tensors()
     probs = _probabilities(q, k, range(N - window, N))  # (B, Hq, w, N)
     mass = probs.sum(dim=2).view(B, HK, G, N).mean(dim=2)
-    pooled = F.avg_pool1d(mass.reshape(B * HK, 1, N), kernel, stride=1, padding=kernel // 2).view(B, HK, N)
+    # pooling by definition: the mean (zeros beyond the ends count) or the max over j-2 .. j+2
+    padded = F.pad(mass, (kernel // 2, kernel // 2), value=0.0 if pooling == "avg" else -math.inf)
+    windows = padded.unfold(-1, kernel, 1)
+    pooled = windows.mean(dim=-1) if pooling == "avg" else windows.amax(dim=-1)
     recent = set(range(N - window, N))
     expected = [[recent | _top(pooled[b, h], budget - window, recent) for h in range(HK)] for b in range(B)]
     assert _kept(layer) == expected
@@ -358,6 +362,7 @@ def test_policies_compose_with_position_methods_and_reject_two_caches():
         ("snapkv:budget=8,ratio=0.5", "give exactly one of 'budget'"),
         ("h2o:ratio=1", "'ratio' must be < 1"),
         ("snapkv:budget=8,kernel=4", "'kernel' must be odd"),
+        ("snapkv:budget=8,pooling=median", "'pooling' must be one of avg, max"),
         ("kv_int8:residual=0", "'residual' must be an integer >= 1"),
         ("streaming:window=0", "'window' must be an integer >= 1"),
     ],
