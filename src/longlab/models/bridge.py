@@ -228,7 +228,7 @@ def _cached_attention(module, patch: Patch, q, k, v, q_pos, q_valid, cache) -> t
             q.reshape(b * hk, hq // hk, t, d),
             keys.reshape(b * hk, 1, -1, d),
             values.reshape(b * hk, 1, -1, d),
-            attend_q_pos.repeat_interleave(hk, dim=0) if attend_q_pos.dim() == 2 else attend_q_pos.reshape(b * hk, t),
+            attend_q_pos.repeat_interleave(hk, dim=0),
             k_pos.reshape(b * hk, -1),
             key_valid.reshape(b * hk, -1),
         ).view(b, hq, t, d)
