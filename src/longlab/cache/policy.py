@@ -8,9 +8,11 @@ free the rest (DESIGN 3.3: savings are real, never masks).
 Budgets (DESIGN 3.3): ``budget=N`` keeps N entries per head; ``ratio=r`` is the compression ratio,
 the fraction of tokens removed, so ceil((1 - r) * n) of the n tokens seen stay. During decoding the
 target is re-applied after every step, so the cache never grows past it. While decoding, an
-eviction frees 1/32 of the target more than it must (``DECODE_SLACK``), so the scoring runs once
-every ~target/32 steps instead of after every token: the cache then holds between 31/32 of its
-target and the target.
+eviction frees 1/128 of the target more than it must (``DECODE_SLACK``), so the scoring runs once
+every ~target/128 steps instead of after every token: the cache then holds between 127/128 of its
+target and the target. (Each decoding-time eviction is decided by one query's attention; 1/32 was
+measured to cost accuracy — e.g. AdaKV niah_single_1 at ratio 0.5 fell from 90 to 60 % — 1/128
+keeps the evictions small.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from longlab.positions.segments import Segment
 if TYPE_CHECKING:
     from longlab.cache.layer import LonglabLayer
 
-DECODE_SLACK = 1 / 32
+DECODE_SLACK = 1 / 128
 
 
 @dataclass
