@@ -42,6 +42,10 @@ class ShardCall:
     scale: float
     query_scale: torch.Tensor | None  # (B, T) multiplier of q from a scaling method (logn), or None
 
+    def scaled(self, q: torch.Tensor) -> torch.Tensor:
+        """q multiplied by the scaling method's factor at each global position (q itself without one)."""
+        return q if self.query_scale is None else q * self.query_scale[:, None, :, None].to(q.dtype)
+
 
 def prepare(
     q: torch.Tensor,

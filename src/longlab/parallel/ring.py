@@ -202,8 +202,16 @@ def ring_attention(
     ``scale`` defaults to 1/sqrt(d). Returns (B, Hq, local_len, d); differentiable.
     """
     call = prepare(q, group, layout, position, rope, scale, causal, length)
-    if call.query_scale is not None:
-        q = q * call.query_scale[:, None, :, None].to(q.dtype)
     return ring_segmented_attention(
-        q, k, v, call.positions, call.positions, call.segments, call.table, call.scale, None, group, block_size
+        call.scaled(q),
+        k,
+        v,
+        call.positions,
+        call.positions,
+        call.segments,
+        call.table,
+        call.scale,
+        None,
+        group,
+        block_size,
     )

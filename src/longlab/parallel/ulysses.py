@@ -194,8 +194,16 @@ def ulysses_attention(
     """
     call = prepare(q, group, layout, position, rope, scale, causal, length)
     check_heads(q.shape[1], k.shape[1], call.comm.world)
-    if call.query_scale is not None:
-        q = q * call.query_scale[:, None, :, None].to(q.dtype)
     return ulysses_segmented_attention(
-        q, k, v, call.positions, call.positions, call.segments, call.table, call.scale, None, group, block_size
+        call.scaled(q),
+        k,
+        v,
+        call.positions,
+        call.positions,
+        call.segments,
+        call.table,
+        call.scale,
+        None,
+        group,
+        block_size,
     )
