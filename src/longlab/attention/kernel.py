@@ -141,7 +141,7 @@ def _mask(q_pos, k_pos, key_valid, segment: Segment, dtype) -> tuple[torch.Tenso
     return mask[:, None], allowed.any(dim=-1)[:, None]
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32 (the flash op's lse dtype)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -153,7 +153,7 @@ def partial_forward(q, k, v, q_pos, k_pos, key_valid, segments, table, scale, la
     with :func:`~longlab.attention.merge.merge_into` (sequence parallelism merges shards this way).
     """
     b, hq, tq, dim = q.shape
-    acc_dtype = _accumulator_dtype(q.dtype)
+    acc_dtype = accumulator_dtype(q.dtype)
     acc = torch.zeros(b, hq, tq, dim, dtype=acc_dtype, device=q.device)
     lse = torch.full((b, hq, tq), -math.inf, dtype=acc_dtype, device=q.device)
     written: set[int] = set()  # blocks holding a piece already; the first piece is copied, not merged
@@ -182,7 +182,7 @@ def partial_backward(grad_out, q, k, v, q_pos, k_pos, key_valid, segments, table
     grad_out = grad_out.contiguous()
     # Rows that saw no key have lse = -inf; +inf makes every probability exp(s - lse) zero.
     lse = lse.masked_fill(torch.isneginf(lse), math.inf)
-    acc_dtype = _accumulator_dtype(q.dtype)
+    acc_dtype = accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)

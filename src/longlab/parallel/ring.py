@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from longlab.attention.kernel import BLOCK_SIZE, partial_backward, partial_forward, plan
+from longlab.attention.kernel import BLOCK_SIZE, accumulator_dtype, partial_backward, partial_forward, plan
 from longlab.attention.merge import merge_into
 from longlab.errors import LonglabError
 from longlab.method import Method
@@ -97,7 +97,7 @@ class RingAttention(torch.autograd.Function):
                 buffer = pending.wait()
                 kb, vb = unpack(buffer, k.shape, v.shape)
         if acc is None:  # no query sees any key (cannot happen for a causal self-attention shard)
-            acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            acc_dtype = accumulator_dtype(q.dtype)
             acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
             lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
         out = acc.to(q.dtype)
@@ -131,7 +131,7 @@ class RingAttention(torch.autograd.Function):
                 dq = dq_b if dq is None else dq.add_(dq_b)
                 share = pack(dk_b, dv_b)
             else:
-                acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+                acc_dtype = accumulator_dtype(q.dtype)
                 share = torch.zeros(k.numel() + v.numel(), dtype=acc_dtype, device=q.device)
             if arriving is not None:
                 share.add_(arriving.wait())
