@@ -118,3 +118,25 @@ def test_jsonl_task_truncates_in_the_middle_and_scores_with_the_dataset_metric(t
     assert len(tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]) <= 300 - 64 + 2
     assert sample.prompt.startswith("start filler") and "end\n\nQuestion: What colour is the sky?" in sample.prompt
     assert task.score("jsonl/qasper", "Blue.\nMore text", sample) == 100.0
+
+
+def test_torchrun_splits_cells_across_processes_into_the_same_summary(tmp_path):
+    """Two processes under torchrun share one folder and write the summary one process writes."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["eval", "--device", "cpu", "--method", "none", "--method", "rerope:window=64", "--task", "passkey",
+            "--task", "ppl", "--lengths", "256", "--samples", "2"]  # fmt: skip
+    single, split = tmp_path / "single", tmp_path / "split"
+    from longlab.cli import main
+
+    assert main([*args, "--out", str(single)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "longlab.cli", *args, "--out", str(split)]  # fmt: skip
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=600)
+    rows = [json.loads(line) for line in (split / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == len((single / "results.jsonl").read_text().splitlines())
+    assert {json.loads(line)["rank"] for line in (split / "runs.jsonl").read_text().splitlines()} == {0, 1}
+    assert (split / "summary.json").read_bytes() == (single / "summary.json").read_bytes()

@@ -92,3 +92,24 @@ def test_final_checkpoint_is_a_plain_hugging_face_folder(uninterrupted):
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert model.config.max_position_embeddings == SMALL.context
     assert tokenizer.convert_ids_to_tokens(tokenizer(" 4096")["input_ids"])[-4:] == ["4", "0", "9", "6"]
+
+
+def test_training_on_a_device_creates_no_tensor_off_it_and_matches(uninterrupted, tmp_path, strict_device):
+    """``train(device=...)``: every tensor follows the model's device (strict_device), and the run
+    gives the same weights as the default one."""
+    _, expected, _ = uninterrupted
+    _small_corpus(tmp_path / "corpus")
+    training.prepare(tmp_path, SMALL)  # corpus and tokenizer are host-side work, built before
+    with strict_device():
+        training.train(tmp_path, SMALL, device="cpu")
+    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["model"]
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, msg=name)
+
+
+@pytest.mark.cuda
+def test_training_on_cuda_runs_and_learns(tmp_path):
+    _small_corpus(tmp_path / "corpus")
+    training.train(tmp_path, SMALL, device="cuda")
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == SMALL.steps and all(torch.isfinite(torch.tensor(e["loss"])) for e in log)

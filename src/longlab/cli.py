@@ -47,7 +47,9 @@ def _train(args: argparse.Namespace) -> None:
 
     recipe = Recipe(steps=args.steps) if args.steps else Recipe()
     out = Path(args.out)
-    final = train(out, recipe, threads=args.threads)
+    from longlab.models.bundled import resolve_device
+
+    final = train(out, recipe, threads=args.threads, device=resolve_device(args.device))
     results = finish(out, recipe, samples=args.samples)
     print(f"validation loss {results['validation']['loss']:.4f} (perplexity {results['validation']['perplexity']:.2f})")
     for task in ("passkey", "niah_single"):
@@ -69,6 +71,8 @@ def _eval(args: argparse.Namespace) -> None:
         chat=args.chat,
         batch_size=args.batch_size,
         allow_beyond_reach=args.allow_beyond_reach,
+        device=args.device,
+        dtype=args.dtype,
     )
     out = run(config)
     print(f"report: {out / 'report.md'}")
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--steps", type=int, help="optimizer steps (default: the bundled recipe's 2400)")
     trainer.add_argument("--samples", type=int, default=50, help="samples per length in the final evaluation")
     trainer.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    trainer.add_argument("--device", default="auto", help="auto (cuda when a GPU is there), cpu, cuda or cuda:N")
     trainer.set_defaults(run=_train)
 
     evaluate = commands.add_parser(
@@ -128,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=1, help="samples per generate() call, left-padded")
     evaluate.add_argument(
         "--allow-beyond-reach", action="store_true", help="measure lengths past a method's designed reach"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto (cuda when a GPU is there), cpu, cuda or cuda:N")
+    evaluate.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on cpu, bfloat16 on cuda"
     )
     evaluate.set_defaults(run=_eval)
     report = commands.add_parser("report", help="rebuild a report from an eval folder's results.jsonl")

@@ -11,7 +11,9 @@ sequence so that in prefill each block's diagonal tile is exactly its square. Fo
 
 Consecutive tiles with the same mode become one run, so a long prefix costs one call per chunk.
 Bounds are taken over all rows of the batch (conservative: a looser bound only turns "full" or
-"skip" into "mask", which is still exact).
+"skip" into "mask", which is still exact). The bounds are computed where the positions live and
+copied to the host in one transfer: the plan is host-side scheduling, so everything after
+:func:`make_layout` works on small CPU tensors (``device="cpu"`` on purpose).
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ def make_layout(q_pos: torch.Tensor, k_pos: torch.Tensor, key_valid: torch.Tenso
     tile_any_valid = kv.any(dim=2).any(dim=0)
     same = (q_pos == k_pos[:, offset:]) & q_valid
     block_aligned = _tiles(same, size, True).all(dim=2).all(dim=0)
+    # one device-to-host copy for all bounds (each .cpu() would be a synchronisation of its own)
+    n_blocks, n_tiles = q_min.numel(), k_min.numel()
+    host = torch.cat((q_min, q_max, block_aligned.long(), k_min, k_max, tile_all_valid.long(), tile_any_valid.long()))
+    q_min, q_max, block_aligned, k_min, k_max, tile_all_valid, tile_any_valid = host.cpu().split(
+        [n_blocks] * 3 + [n_tiles] * 4
+    )
+    block_aligned, tile_all_valid, tile_any_valid = block_aligned.bool(), tile_all_valid.bool(), tile_any_valid.bool()
     if q_len % size:  # the first block is short: its diagonal is no square
         block_aligned[0] = False
     return Layout(size, q_len, k_len, q_min, q_max, k_min, k_max, tile_all_valid, tile_any_valid, block_aligned)
@@ -111,12 +120,12 @@ def classify(layout: Layout, segment: Segment) -> torch.Tensor:
     if segment.key_limit is not None:
         skip |= (layout.k_min >= segment.key_limit)[None, :]
         inside &= (layout.k_max < segment.key_limit)[None, :]
-    modes = torch.full(skip.shape, MASK, dtype=torch.int8)
+    modes = torch.full(skip.shape, MASK, dtype=torch.int8, device="cpu")
     modes[inside] = FULL
     # The diagonal square is "causal" when only causality cuts it: the segment starts at distance 0,
     # reaches past the block, and the block's positions match its keys (no padding, no key limit).
     if lo == 0 and layout.n_tiles >= layout.n_blocks:
-        rows = torch.arange(layout.n_blocks)
+        rows = torch.arange(layout.n_blocks, device="cpu")
         cols = rows + layout.n_tiles - layout.n_blocks
         ok = layout.block_aligned & (d_hi[rows, cols] < hi) & layout.tile_all_valid[cols]
         if segment.key_limit is not None:
@@ -130,7 +139,7 @@ def classify(layout: Layout, segment: Segment) -> torch.Tensor:
 def runs(layout: Layout, modes_row: torch.Tensor, chunk_edges: torch.Tensor) -> list[Run]:
     """Group one block's tiles into runs of equal mode that never cross a chunk edge (tile indices)."""
     n = modes_row.numel()
-    starts = torch.ones(n, dtype=torch.bool)
+    starts = torch.ones(n, dtype=torch.bool, device="cpu")
     starts[1:] = modes_row[1:] != modes_row[:-1]
     starts[chunk_edges] = True
     causal = modes_row == CAUSAL

@@ -26,7 +26,8 @@ class Entries:
         """Fields of shape (B, H, T, ...), all with the same (B, H, T)."""
         b, h, t = next(iter(fields.values())).shape[:3]
         packed = {name: x.reshape(b * h * t, *x.shape[3:]) for name, x in fields.items()}
-        return cls(b, h, packed, torch.full((b * h,), t, dtype=torch.int64))
+        device = next(iter(fields.values())).device
+        return cls(b, h, packed, torch.full((b * h,), t, dtype=torch.int64, device=device))
 
     @property
     def rows(self) -> int:
@@ -51,7 +52,7 @@ class Entries:
     def real(self) -> torch.Tensor:
         """(B, H, N) True where :meth:`dense` holds an entry rather than left padding."""
         n = self.longest
-        return torch.arange(n) >= (n - self.lengths).view(self.batch, self.heads, 1)
+        return torch.arange(n, device=self.lengths.device) >= (n - self.lengths).view(self.batch, self.heads, 1)
 
     def dense(self, name: str) -> torch.Tensor:
         """Field ``name`` as (B, H, N, ...); padding slots hold 0 / False / -1 (a copy only when rows differ)."""
@@ -68,7 +69,10 @@ class Entries:
         t = next(iter(fields.values())).shape[2]
         real = None
         if not self.equal:  # pad, append, then drop the padding slots again
-            real = torch.cat((self.real(), torch.ones(self.batch, self.heads, t, dtype=torch.bool)), dim=2)
+            real = torch.cat(
+                (self.real(), torch.ones(self.batch, self.heads, t, dtype=torch.bool, device=self.lengths.device)),
+                dim=2,
+            )
         for name, new in fields.items():
             grown = torch.cat((self.dense(name), new), dim=2)
             self.fields[name] = grown.reshape(-1, *new.shape[3:]) if real is None else grown[real]

@@ -150,13 +150,17 @@ def keep_top(scores: torch.Tensor, valid: torch.Tensor, target: torch.Tensor) ->
     """Mask (B, H, N) of the ``target[b]`` best valid entries of each row; ties go to the earlier entry."""
     scores = scores.masked_fill(~valid, -math.inf)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
     return (rank < target.view(-1, 1, 1)) & valid
 
 
 def recent(positions: torch.Tensor, valid: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     """Mask (B, H, N) of each row's ``count`` most recent valid entries."""
-    return keep_top(positions.double(), valid, torch.as_tensor(count).expand(positions.shape[0]))
+    return keep_top(
+        positions.double(), valid, torch.as_tensor(count, device=positions.device).expand(positions.shape[0])
+    )
 
 
 def protect(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

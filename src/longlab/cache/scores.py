@@ -39,13 +39,13 @@ def attention_mass(
     queries. Causal by position.
     """
     b, hk, g, tq, _ = q.shape
-    total = torch.zeros(b, hk, g, k.shape[2], dtype=torch.float32)
+    total = torch.zeros(b, hk, g, k.shape[2], dtype=torch.float32, device=q.device)
     k_float, q_float = k.float(), q.float()
     rotated = [_rotate_per_head(k_float[:, :, None], segment.key_map(k_pos), table)[:, :, 0] for segment in segments]
     for start in range(0, tq, block):
         stop = min(start + block, tq)
         distance = q_pos[:, :, start:stop, None] - k_pos[:, :, None, :]  # (B, Hk, bq, Tk)
-        logits = torch.full((b, hk, g, stop - start, k.shape[2]), -torch.inf)
+        logits = torch.full((b, hk, g, stop - start, k.shape[2]), -torch.inf, device=q.device)
         for segment, k_rot in zip(segments, rotated, strict=True):
             allowed = (distance >= max(segment.min_distance, 0)) & (distance < segment.max_distance)
             allowed &= key_valid[:, :, None, :]

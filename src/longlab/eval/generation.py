@@ -23,7 +23,8 @@ class _Newline(StoppingCriteria):
         self.tokenizer, self.width = tokenizer, prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor(["\n" in self.tokenizer.decode(row[self.width :]) for row in input_ids])
+        done = ["\n" in self.tokenizer.decode(row[self.width :]) for row in input_ids]
+        return torch.tensor(done, device=input_ids.device)
 
 
 @torch.no_grad()
@@ -31,10 +32,10 @@ def generate_answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: 
     """Greedy answers (first line) for prompts of any lengths, left-padded into one batch."""
     width = max(p.shape[1] for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=model.device)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
-        ids[row, width - prompt.shape[1] :] = prompt[0]
+        ids[row, width - prompt.shape[1] :] = prompt[0].to(model.device)
         mask[row, width - prompt.shape[1] :] = 1
     out = model.generate(
         ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
@@ -46,6 +47,7 @@ def generate_answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: 
 @torch.no_grad()
 def token_losses(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Next-token losses (T - 1,) of one sequence (1, T); logits are computed a chunk at a time."""
+    ids = ids.to(model.device)
     hidden = model.model(ids).last_hidden_state[0]
     losses = []
     for start in range(0, ids.shape[1] - 1, chunk):

@@ -1,13 +1,19 @@
-"""This process's resident memory, and its peak since the last reset (Linux /proc; None elsewhere)."""
+"""Peak memory since the last reset: the GPU's allocator on CUDA, this process's resident memory on
+the CPU (Linux /proc; None elsewhere)."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
+import torch
 
-def reset_peak() -> None:
-    """Make the peak resident size (VmHWM) start again from the current resident size."""
+
+def reset_peak(device: torch.device | str = "cpu") -> None:
+    """Start the peak again: the CUDA allocator's, or the resident size's (VmHWM) on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
     with contextlib.suppress(OSError):  # Linux: writing 5 resets this process's VmHWM
         Path("/proc/self/clear_refs").write_text("5")
 
@@ -26,6 +32,8 @@ def resident_bytes() -> int | None:
     return _status_bytes("VmRSS")
 
 
-def peak_bytes() -> int | None:
-    """Peak resident bytes since the last :func:`reset_peak` (or the process start)."""
+def peak_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Peak bytes since the last :func:`reset_peak`: allocated on a CUDA device, resident on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     return _status_bytes("VmHWM")

@@ -23,7 +23,10 @@ def read_results(folder: Path) -> list[dict]:
         if line.strip():
             row = json.loads(line)
             rows.setdefault((row["method"], row["task"], row["length"], row["sample"]), row)  # first write wins
-    return list(rows.values())
+    found = list(rows.values())
+    if all("cell" in row for row in found):  # the run's own order, whichever process wrote a row first
+        found.sort(key=lambda row: (row["cell"], row["sample"]))
+    return found
 
 
 def _ordered(values) -> list:
@@ -122,8 +125,8 @@ def write_report(folder: Path, train_length: int | None = None) -> Path:
         else:
             lines += ["Mean score (0-100):", "", *_table(table, lengths, "score", "{:.1f}"), ""]
         lines += [f"![{name}]({name})" for name in pictures.get(task, [])] + [""]
-    lines += ["## Cost", "", "Mean latency per sample (s) and peak resident memory (MiB), per method, "
-              "at the longest length measured for each task:", "",
+    lines += ["## Cost", "", "Mean latency per sample (s) and peak memory (MiB; CPU: resident, GPU: allocated), "
+              "per method, at the longest length measured for each task:", "",
               "| method | task | length | latency (s) | peak memory (MiB) |", "|---|---|---|---|---|"]  # fmt: skip
     for method, tasks in cost.items():
         for task, by_length in tasks.items():

@@ -3,10 +3,18 @@
 Results are appended to ``results.jsonl`` as each sample finishes (flushed and synced), so an
 interrupted run loses at most the sample in flight; rerunning with the same ``--out`` skips every
 (method, task, length, sample) already there. Reports are rebuilt from the results alone.
+
+Under ``torchrun --nproc-per-node N -m longlab.cli eval ...`` the cells (method, task, length) are
+dealt round-robin to the N processes, each on its own GPU (``cuda:LOCAL_RANK``) or the CPU; they
+append to the same ``results.jsonl`` under an exclusive file lock, wait for each other at a gloo
+barrier, and rank 0 writes the report. Each row carries its cell's index, and reports order rows by
+it, so the summary is the one a single process writes.
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
 import time
@@ -23,7 +31,7 @@ from longlab.eval import memory
 from longlab.eval.generation import encode, generate_answers, token_losses
 from longlab.eval.synthetic import Sample
 from longlab.eval.tasks import Task, parse_task
-from longlab.models.bundled import load
+from longlab.models.bundled import load, resolve_device
 from longlab.positions import RopeConfig
 
 DEFAULT_METHODS = (
@@ -50,6 +58,11 @@ class EvalConfig:
     chat: bool = False
     batch_size: int = 1
     allow_beyond_reach: bool = False
+    device: str = "auto"  # cuda when a GPU is there, else cpu
+    dtype: str | None = None  # float32 / bfloat16 / float16; default float32 on cpu, bfloat16 on cuda
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_length(text: str) -> int:
@@ -67,12 +80,14 @@ def parse_length(text: str) -> int:
 # -- measurement helpers --------------------------------------------------------------------------
 
 
-def _peak_memory_mb() -> float | None:
-    peak = memory.peak_bytes()
+def _peak_memory_mb(device: torch.device) -> float | None:
+    peak = memory.peak_bytes(device)
     return None if peak is None else peak / 2**20
 
 
-def _available_bytes() -> int:
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
@@ -109,10 +124,43 @@ class Results:
 
     def append(self, row: dict) -> None:
         with self.path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # other processes of a torchrun evaluation append too
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+            fcntl.flock(f, fcntl.LOCK_UN)
         self.done.add(self.key(row))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's share of a multi-process evaluation (torchrun's environment; 1 process without)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> Ranks:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    def device(self, device: torch.device) -> torch.device:
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_rank)  # one GPU per process
+        return device
+
+    def start(self) -> None:
+        import torch.distributed as dist
+
+        if self.world > 1 and not dist.is_initialized():  # gloo: only a barrier, whatever the device
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+
+    def wait_for_all(self) -> None:
+        import torch.distributed as dist
+
+        if self.world > 1:
+            dist.barrier()
 
 
 # -- generation and perplexity --------------------------------------------------------------------
@@ -131,7 +179,7 @@ def perplexity_sample(model, tokens: np.ndarray, length: int, index: int, count:
     if len(tokens) < span + count:
         raise LonglabError(f"held-out text has {len(tokens)} tokens; ppl at length {length} needs {span + count}")
     start = index * (len(tokens) - span) // max(count, 1)
-    text = torch.from_numpy(tokens[start : start + span]).long()[None]
+    text = torch.from_numpy(tokens[start : start + span]).long()[None].to(model.device)
     whole = token_losses(model, text[:, :length])
     stride = max(1, int(length * stride_fraction))
     sliding, scored = [], 0
@@ -171,7 +219,7 @@ def _check_before_work(model, methods: list[str], lengths: list[int], config: Ev
                 "or pass --allow-beyond-reach to measure the breakdown"
             )
     need = memory_estimate(model, max(lengths), config.batch_size)
-    available = _available_bytes()
+    available = _available_bytes(model.device)
     if need > 0.9 * available:
         raise LonglabError(
             f"length {max(lengths)} needs about {need / 2**30:.1f} GiB beyond the weights; "
@@ -185,7 +233,13 @@ def run(config: EvalConfig) -> Path:
 
     methods = [longlab.format_spec(longlab.parse(spec)) for spec in config.methods]
     tasks: list[Task] = [parse_task(spec) for spec in config.tasks]
-    model, tokenizer = load(config.model)
+    ranks = Ranks.from_environment()
+    ranks.start()
+    device = ranks.device(resolve_device(config.device))
+    dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in DTYPES:
+        raise LonglabError(f"dtype {dtype_name!r} is not supported; use one of {', '.join(DTYPES)}")
+    model, tokenizer = load(config.model, dtype=DTYPES[dtype_name], device=device)
     model.generation_config.max_length = None
     train_length = model.config.max_position_embeddings
     lengths = config.lengths or [train_length, 2 * train_length, 4 * train_length]
@@ -194,7 +248,17 @@ def run(config: EvalConfig) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.jsonl").open("a") as f:  # every invocation's configuration, appended
-        record = {**config.__dict__, "lengths": lengths, "train_length": train_length, "started": time.time()}
+        fcntl.flock(f, fcntl.LOCK_EX)
+        record = {
+            "rank": ranks.rank,
+            "world": ranks.world,
+            **config.__dict__,
+            "device": str(device),
+            "dtype": dtype_name,
+            "lengths": lengths,
+            "train_length": train_length,
+            "started": time.time(),
+        }
         f.write(json.dumps(record) + "\n")
     results = Results(out)
 
@@ -207,10 +271,11 @@ def run(config: EvalConfig) -> Path:
     held_out = _held_out_tokens(tokenizer) if any(t.kind == "perplexity" for t in tasks) else None
 
     prepared = _prepare_samples(cells, tokenizer, config.seed)  # every prompt is built before any work
-    total = sum(task.cell_size(count) for _, task, _, _, count in cells)
-    overall = tqdm(total=total, desc="eval", unit="sample")
+    mine = [(index, cell) for index, cell in enumerate(cells) if index % ranks.world == ranks.rank]
+    total = sum(task.cell_size(count) for _, (_, task, _, _, count) in mine)
+    overall = tqdm(total=total, desc="eval" if ranks.world == 1 else f"eval rank {ranks.rank}", unit="sample")
     applied = None
-    for method, task, subtask, length, count in cells:
+    for index, (method, task, subtask, length, count) in mine:
         todo = [i for i in range(task.cell_size(count)) if (method, subtask, length, i) not in results.done]
         overall.update(task.cell_size(count) - len(todo))
         if not todo:
@@ -221,17 +286,17 @@ def run(config: EvalConfig) -> Path:
         cell = tqdm(total=len(todo), desc=f"{method} | {subtask} | {length}", unit="sample", leave=False)
         if task.kind == "perplexity":
             for i in todo:
-                memory.reset_peak()
+                memory.reset_peak(device)
                 began = time.perf_counter()
                 row = perplexity_sample(model, held_out, length, i, count, task.stride_fraction)
-                _record(results, method, subtask, length, i, config.seed, began, row)
+                _record(results, index, method, subtask, length, i, config.seed, began, row, device)
                 cell.update()
                 overall.update()
         else:
             samples = prepared[subtask, length]
             for batch in _batches(todo, config.batch_size):
                 prompts = [encode(tokenizer, samples[i].prompt, config.chat) for i in batch]
-                memory.reset_peak()
+                memory.reset_peak(device)
                 began = time.perf_counter()
                 answers = generate_answers(model, tokenizer, prompts, task.new_tokens(subtask))
                 for i, prompt, answer in zip(batch, prompts, answers, strict=True):
@@ -243,13 +308,17 @@ def run(config: EvalConfig) -> Path:
                         "predicted": answer,
                         "score": task.score(subtask, answer, sample),
                     }
-                    _record(results, method, subtask, length, i, config.seed, began, row, share=len(batch))
+                    _record(
+                        results, index, method, subtask, length, i, config.seed, began, row, device, share=len(batch)
+                    )
                 cell.update(len(batch))
                 overall.update(len(batch))
         cell.close()
     overall.close()
     longlab.reset(model)
-    write_report(out, train_length=train_length)
+    ranks.wait_for_all()
+    if ranks.rank == 0:
+        write_report(out, train_length=train_length)
     return out
 
 
@@ -270,8 +339,11 @@ def _batches(items: list[int], size: int) -> list[list[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _record(results: Results, method, task, length, sample, seed, began, row: dict, share: int = 1) -> None:
+def _record(results: Results, cell, method, task, length, sample, seed, began, row: dict, device, share=1) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the latency of the work, not of its launch
     results.append({
-        "method": method, "task": task, "length": length, "sample": sample, "seed": seed, **row,
-        "latency_s": round((time.perf_counter() - began) / share, 4), "peak_memory_mb": _peak_memory_mb(),
+        "method": method, "task": task, "length": length, "sample": sample, "seed": seed, "cell": cell, **row,
+        "latency_s": round((time.perf_counter() - began) / share, 4), "peak_memory_mb": _peak_memory_mb(device),
+        "device": device.type,
     })  # fmt: skip

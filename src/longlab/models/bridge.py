@@ -9,6 +9,7 @@ The model's mask creation is switched to a registered "longlab" implementation t
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from longlab.attention.backends import BACKENDS, backend_for
 from longlab.attention.kernel import segmented_attention
 from longlab.cache.layer import layer_for
 from longlab.cache.policies.streaming import slots
@@ -44,22 +46,28 @@ class Patch:
     cache: CachePolicy | None
     rope: RopeConfig
     previous_implementation: str
+    device_check: Any = None  # the forward pre-hook that checks input devices (removed by reset)
     modules: list[torch.nn.Module] = field(default_factory=list)
     # How an attention module turns (q, k, v, positions) into its output; sequence parallelism swaps it.
     attend: Callable[..., torch.Tensor] | None = None
     last_stats: Any = None  # CacheStats of the cache most recently written (after its last layer)
-    _tables: dict[int, FrequencyTable] = field(default_factory=dict)
+    _tables: dict[tuple[int, torch.device], FrequencyTable] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[Method]:
         return [m for m in (self.position, self.scaling, self.cache) if m is not None]
 
-    def table(self, seq_len: int) -> FrequencyTable:
-        if seq_len not in self._tables:
+    def table(self, seq_len: int, device: torch.device | str = "cpu") -> FrequencyTable:
+        """The position method's table at ``seq_len``, its frequencies on ``device`` (built once on
+        the host: copying them at every rotation would stall the GPU's queue once per layer)."""
+        key = (seq_len, torch.device(device))
+        if key not in self._tables:
             if len(self._tables) > 8:
                 self._tables.clear()
-            self._tables[seq_len] = self.position.table(self.rope, seq_len)
-        return self._tables[seq_len]
+            with torch.device("cpu"):  # the methods' formulas run on the host, on small tensors
+                table = self.position.table(self.rope, seq_len)
+            self._tables[key] = dataclasses.replace(table, inv_freq=table.inv_freq.to(device))
+        return self._tables[key]
 
 
 def _padding_mask(batch_size: int, q_length: int | None = None, kv_length: int = 0, attention_mask=None, **kwargs: Any):
@@ -116,6 +124,37 @@ def _check_supported(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(
             f"longlab's attention has no dropout; set config.attention_dropout = 0 (it is {config.attention_dropout})"
         )
+    devices = {p.device.type for p in model.parameters()} - {"meta"}
+    unsupported = sorted(devices - set(BACKENDS))
+    if unsupported:
+        raise UnsupportedModelError(
+            f"longlab's attention runs on {', '.join(d for d in BACKENDS if d != 'meta')}; "
+            f"the model is on {', '.join(unsupported)}. Move it with model.to('cuda') or model.to('cpu')"
+        )
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _check_input_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: inputs on another device than the model fail here, naming both devices,
+    before any layer runs (transformers would fail later, deep inside a layer)."""
+    expected = _model_device(model)
+    if expected.type == "meta":
+        return
+    named = dict(zip(("input_ids", "attention_mask", "position_ids"), args, strict=False))
+    named.update(kwargs)
+    wrong = {
+        name: value.device
+        for name, value in named.items()
+        if name in ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels")
+        and isinstance(value, torch.Tensor)
+        and value.device != expected
+    }
+    if wrong:
+        where = ", ".join(f"{name} on {device}" for name, device in wrong.items())
+        raise LonglabError(f"the model is on {expected} but {where}; move the inputs with .to({str(expected)!r})")
 
 
 def apply(model: torch.nn.Module, spec: str | Method = "none", **params: Any) -> torch.nn.Module:
@@ -135,6 +174,7 @@ def apply(model: torch.nn.Module, spec: str | Method = "none", **params: Any) ->
     if is_applied(model):
         reset(model)
     patch = Patch(position, scaling, cache, rope, model.config._attn_implementation)
+    patch.device_check = model.register_forward_pre_hook(_check_input_devices, with_kwargs=True)
     model.set_attn_implementation(IMPLEMENTATION)
     for module in _attention_modules(model):
         module._longlab_patch = patch
@@ -159,6 +199,7 @@ def reset(model: torch.nn.Module) -> torch.nn.Module:
     for module in patch.modules:
         del module.forward
         del module._longlab_patch
+    patch.device_check.remove()
     prefill.uninstall(model)
     model.set_attn_implementation(patch.previous_implementation)
     delattr(model, _ATTRIBUTE)
@@ -171,10 +212,13 @@ def describe(model: torch.nn.Module) -> str:
     if patch is None:
         return "longlab: not applied (the model uses its own attention)"
     rope = patch.rope
+    weights = model.get_input_embeddings().weight
+    backend = backend_for(weights.device, weights.dtype, rope.head_dim)
     return (
         f"longlab: {format_spec(patch.methods)} on {type(model).__name__} "
         f"({model.config.model_type}, {len(patch.modules)} attention layers, head_dim={rope.head_dim}, "
-        f"rope_theta={rope.base:g}, L_train={rope.original_length})"
+        f"rope_theta={rope.base:g}, L_train={rope.original_length}; "
+        f"attention on {weights.device} {str(weights.dtype).removeprefix('torch.')}: {backend.name})"
     )
 
 
@@ -202,7 +246,7 @@ def segments_for(patch: Patch, module: torch.nn.Module) -> tuple[Segment, ...]:
 def local_attention(module: torch.nn.Module, q, k, v, q_pos, k_pos, key_valid) -> torch.Tensor:
     """Single-process attention of a patched module (the default ``Patch.attend``)."""
     patch: Patch = module._longlab_patch
-    table = patch.table(int(q_pos.max()) + 1)
+    table = patch.table(int(q_pos.max()) + 1, q.device)
     return segmented_attention(q, k, v, q_pos, k_pos, segments_for(patch, module), table, module.scaling, key_valid)
 
 
@@ -211,7 +255,7 @@ def _cached_attention(module, patch: Patch, q, k, v, q_pos, q_valid, cache) -> t
     layer = layer_for(cache, module.layer_idx, patch.cache, _sliding_window(module))
     batch, length = q_pos.shape
     if q_valid is None:
-        q_valid = torch.ones(batch, length, dtype=torch.bool)
+        q_valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
     layer.append(k, v, q_pos, q_valid)
     keys, values, k_pos, key_valid = layer.view()
     attend_q_pos = q_pos
@@ -233,7 +277,7 @@ def _cached_attention(module, patch: Patch, q, k, v, q_pos, q_valid, cache) -> t
             key_valid.reshape(b * hk, -1),
         ).view(b, hq, t, d)
     del keys, values
-    table = patch.table(int(attend_q_pos.max()) + 1)
+    table = patch.table(int(attend_q_pos.max()) + 1, q.device)
     layer.compress(
         ScoreContext(layer, q, q_pos, q_valid, segments_for(patch, module), table, module.scaling, module.layer_idx,
                      len(patch.modules))

@@ -26,10 +26,27 @@ def model_path(name: str = "tiny") -> Path:
     return path
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``: cuda when a GPU is there, else cpu. Other devices than cpu and cuda are refused."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise LonglabError(f"device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LonglabError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use cpu or auto")
+    return resolved
+
+
 def load(
-    name_or_path: str | Path = "tiny", dtype: torch.dtype = torch.float32
+    name_or_path: str | Path = "tiny", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``(model, tokenizer)`` for a bundled model name or a local checkpoint folder, in eval mode."""
+    """``(model, tokenizer)`` for a bundled model name or a local checkpoint folder, in eval mode, on
+    ``device`` (``"auto"``: cuda when available)."""
+    target = resolve_device(device)
     path = Path(name_or_path)
     if str(name_or_path) in BUNDLED:
         path = model_path(str(name_or_path))
@@ -37,5 +54,5 @@ def load(
         raise LonglabError(
             f"{str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a folder with config.json"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(target).eval()
     return model, AutoTokenizer.from_pretrained(path)

@@ -132,7 +132,7 @@ class Batches:
             else self._exercise_row(rng)
             for _ in range(self.recipe.batch_size)
         ]
-        return torch.tensor(rows, dtype=torch.long)
+        return torch.tensor(rows, dtype=torch.long, device="cpu")  # host-side data; train() moves it
 
 
 def token_stream(tokenizer, texts) -> np.ndarray:
@@ -151,7 +151,7 @@ def windows(tokens: np.ndarray, length: int, count: int) -> torch.Tensor:
     """``count`` evenly spaced, non-overlapping windows of ``length`` tokens."""
     stride = max(length, (len(tokens) - length) // max(count, 1))
     starts = list(range(0, len(tokens) - length + 1, stride))[:count]
-    return torch.tensor(np.stack([tokens[s : s + length] for s in starts]), dtype=torch.long)
+    return torch.tensor(np.stack([tokens[s : s + length] for s in starts]), dtype=torch.long, device="cpu")
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -176,6 +176,7 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, rows: torch.Tensor) -> float:
     model.eval()
+    rows = rows.to(model.device)
     losses = [model(rows[i : i + 8], labels=rows[i : i + 8]).loss.item() for i in range(0, len(rows), 8)]
     model.train()
     return float(np.mean(losses))
@@ -192,8 +193,11 @@ def prepare(out: Path, recipe: Recipe) -> tuple[Path, PreTrainedTokenizerFast]:
     return corpus, PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
 
 
-def train(out: Path, recipe: Recipe = Recipe(), threads: int | None = None) -> Path:
-    """Train (or resume) into ``out``; returns the folder of the final Hugging Face checkpoint."""
+def train(out: Path, recipe: Recipe = Recipe(), threads: int | None = None, device: str | torch.device = "cpu") -> Path:
+    """Train (or resume) into ``out`` on ``device``; returns the folder of the final Hugging Face checkpoint.
+
+    Weights are initialised on the CPU whatever the device, so a seed gives the same start everywhere."""
+    device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,11 +207,13 @@ def train(out: Path, recipe: Recipe = Recipe(), threads: int | None = None) -> P
     batches = Batches(recipe, tokenizer, text)
 
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(model_config(recipe, tokenizer))
+    with torch.device("cpu"):  # the same initial weights on every device
+        model = LlamaForCausalLM(model_config(recipe, tokenizer))
+    model.to(device)
     optimizer = _optimizer(model, recipe)
     checkpoint, start = out / "checkpoint", 0
     if (checkpoint / "state.pt").exists():
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location=device)
         if state["recipe"] != dataclasses.asdict(recipe):
             raise ValueError(f"{checkpoint} was trained with another recipe; use a new --out folder")
         model.load_state_dict(state["model"])
@@ -221,8 +227,8 @@ def train(out: Path, recipe: Recipe = Recipe(), threads: int | None = None) -> P
         began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(recipe, step)
-        ids = batches(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids = batches(step).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)

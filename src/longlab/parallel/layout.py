@@ -76,10 +76,12 @@ class SequenceLayout:
         if not 0 <= rank < self.world:
             raise LonglabError(f"rank {rank} is outside the world of {self.world}")
         c = self.chunk
+        # layout metadata lives on the host; callers move it to their tensors' device
         if self.kind == "contiguous":
-            return torch.arange(rank * c, (rank + 1) * c)
+            return torch.arange(rank * c, (rank + 1) * c, device="cpu")
         late = 2 * self.world - 1 - rank
-        return torch.cat((torch.arange(rank * c, (rank + 1) * c), torch.arange(late * c, (late + 1) * c)))
+        first, second = (torch.arange(s * c, (s + 1) * c, device="cpu") for s in (rank, late))
+        return torch.cat((first, second))
 
     def positions(self, rank: int) -> torch.Tensor:
         """(1, local_length) global position ids of the shard (pass as ``position_ids``)."""

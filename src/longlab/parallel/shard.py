@@ -145,7 +145,7 @@ class SequenceParallel:
                 f"sequence-parallel attention runs without a KV cache (got {q.shape[2]} queries and {k.shape[2]} "
                 "keys); call the model with use_cache=False"
             )
-        table = self.patch.table(self.global_length(q_pos))
+        table = self.patch.table(self.global_length(q_pos), q.device)
         attention = ring_segmented_attention if self.mode == "ring" else ulysses_segmented_attention
         return attention(
             q, k, v, q_pos, k_pos, segments_for(self.patch, module), table, module.scaling, key_valid,

@@ -29,7 +29,7 @@ class H2O(EvictionPolicy):
         check_range(self.name, "recent", self.recent, low=0, high=1)
 
     def new_fields(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"mass": torch.zeros(fields["positions"].shape, dtype=torch.float32)}
+        return {"mass": torch.zeros_like(fields["positions"], dtype=torch.float32)}
 
     def compress(self, ctx: ScoreContext) -> None:
         entries = ctx.layer.entries

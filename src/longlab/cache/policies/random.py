@@ -25,4 +25,6 @@ class Random(EvictionPolicy):
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx * 65_537 + ctx.layer.seen)
-        return torch.rand(ctx.valid.shape, generator=generator, dtype=torch.float64)
+        # drawn on the CPU's generator, then moved: the same seed evicts the same entries on every device
+        draws = torch.rand(ctx.valid.shape, generator=generator, dtype=torch.float64, device="cpu")
+        return draws.to(ctx.valid.device)

@@ -35,9 +35,11 @@ class Streaming(CachePolicy):
             return
         positions = ctx.positions.double()
         # the sinks are the first `sinks` real tokens: rank them by earliest position
-        sinks = keep_top(-positions, valid, torch.full((valid.shape[0],), self.sinks))
+        sinks = keep_top(-positions, valid, torch.full((valid.shape[0],), self.sinks, device=valid.device))
         scores = protect(positions, sinks)
-        ctx.layer.entries.keep(keep_top(scores, valid, torch.full((valid.shape[0],), self.sinks + self.window)))
+        ctx.layer.entries.keep(
+            keep_top(scores, valid, torch.full((valid.shape[0],), self.sinks + self.window, device=valid.device))
+        )
 
 
 def slots(valid: torch.Tensor) -> torch.Tensor:
