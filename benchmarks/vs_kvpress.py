@@ -67,9 +67,9 @@ def _measure(implementation: str, method: str, ratio: float, args) -> dict:
     from transformers import DynamicCache
 
     import longlab
+    from longlab.data.synthetic import passkey
     from longlab.eval import memory
     from longlab.eval.generation import encode
-    from longlab.eval.synthetic import passkey
 
     torch.set_num_threads(args.threads)
     model, tokenizer = longlab.load("tiny")

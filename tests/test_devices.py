@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import longlab
-import reference
 from longlab.attention import backends, band
 from longlab.attention.backends import CPU, CUDNN, MATH, backend_for
 from longlab.attention.kernel import segmented_attention
 from longlab.errors import LonglabError
 from longlab.positions.rope import FrequencyTable
-from models import build
+from support import reference
+from support.models import build
 
 # every position method, with parameters that make each one differ from plain RoPE at length 150
 POSITION_SPECS = [
@@ -336,7 +336,7 @@ def test_eval_refuses_an_unsupported_device_before_any_work(tmp_path, capsys, as
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_eval_on_cuda_without_a_gpu_says_so():
-    from longlab.models.bundled import resolve_device
+    from longlab.loading import resolve_device
 
     with pytest.raises(LonglabError, match="no CUDA GPU"):
         resolve_device("cuda")

@@ -7,32 +7,49 @@ longlab.reset(model)
 longlab.apply(model, "yarn:factor=4+snapkv:budget=1024")   # extend and compress
 longlab.cache_stats(model)
 longlab.methods()
+
+The names below are imported on first use (PEP 562), so ``import longlab.attention.kernel`` or a
+``longlab`` command that needs no model does not pay for loading transformers.
 """
 
-from longlab.cache.stats import CacheStats, cache_stats
-from longlab.errors import LonglabError, SpecError, UnsupportedModelError
-from longlab.models.bridge import SUPPORTED_FAMILIES, active_methods, apply, describe, is_applied, reset
-from longlab.models.bundled import load, model_path
-from longlab.spec import format_spec, methods, parse
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SUPPORTED_FAMILIES",
-    "CacheStats",
-    "LonglabError",
-    "SpecError",
-    "UnsupportedModelError",
-    "__version__",
-    "active_methods",
-    "apply",
-    "cache_stats",
-    "describe",
-    "format_spec",
-    "is_applied",
-    "load",
-    "methods",
-    "model_path",
-    "parse",
-    "reset",
-]
+_EXPORTS = {
+    "SUPPORTED_FAMILIES": "longlab.bridge",
+    "active_methods": "longlab.bridge",
+    "apply": "longlab.bridge",
+    "describe": "longlab.bridge",
+    "is_applied": "longlab.bridge",
+    "reset": "longlab.bridge",
+    "CacheStats": "longlab.cache.stats",
+    "cache_stats": "longlab.bridge",
+    "LonglabError": "longlab.errors",
+    "SpecError": "longlab.errors",
+    "UnsupportedModelError": "longlab.errors",
+    "load": "longlab.loading",
+    "model_path": "longlab.loading",
+    "Composition": "longlab.spec",
+    "compose": "longlab.spec",
+    "format_spec": "longlab.spec",
+    "methods": "longlab.spec",
+    "parse": "longlab.spec",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'longlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

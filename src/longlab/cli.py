@@ -32,7 +32,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _corpus(args: argparse.Namespace) -> None:
-    from longlab.models.corpus import build_corpus
+    from longlab.data.corpus import build_corpus
 
     manifest = build_corpus(Path(args.out))
     counts = {s: sum(d["split"] == s for d in manifest["documents"]) for s in manifest["totals"]}
@@ -42,12 +42,12 @@ def _corpus(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from longlab.models.report import finish
-    from longlab.models.train import Recipe, train
+    from longlab.bundled.card import finish
+    from longlab.bundled.train import Recipe, train
 
     recipe = Recipe(steps=args.steps) if args.steps else Recipe()
     out = Path(args.out)
-    from longlab.models.bundled import resolve_device
+    from longlab.loading import resolve_device
 
     final = train(out, recipe, threads=args.threads, device=resolve_device(args.device))
     results = finish(out, recipe, samples=args.samples)

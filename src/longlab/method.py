@@ -2,7 +2,7 @@
 
 A method is a ``@dataclass`` with typed fields and validation in ``__post_init__``. Its class
 attributes ``name`` and ``kind`` place it in the registry; one method of each kind is active at a
-time, and ``+`` in a spec string composes methods of different kinds (DESIGN 2.3).
+time, and ``+`` in a spec string composes methods of different kinds (docs/design.md).
 """
 
 from __future__ import annotations

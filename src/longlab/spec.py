@@ -1,4 +1,4 @@
-"""The spec language: ``name:key=value,key=value+name2:...`` (DESIGN 2.3).
+"""The spec language: ``name:key=value,key=value+name2:...`` (docs/design.md).
 
 The same string works in Python (``longlab.apply(model, "yarn:factor=4+logn")``) and on the command
 line. Values are converted to each parameter's declared type; integers accept a ``k`` suffix
@@ -146,6 +146,44 @@ def parse(spec: str | Method | Sequence[Method], **overrides: Any) -> list[Metho
 def format_spec(methods: Sequence[Method]) -> str:
     """The spec string that parses back to ``methods``."""
     return "+".join(str(m) for m in methods)
+
+
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """One parsed spec — at most one method per kind, as written — passed along instead of the string,
+    so it is parsed once and each kind is picked in one place."""
+
+    methods: tuple[Method, ...]
+
+    def of_kind(self, kind: str) -> Method | None:
+        return next((m for m in self.methods if m.kind == kind), None)
+
+    @property
+    def position(self) -> Method:
+        """The position method; ``none`` (the model's own RoPE) when the spec names none."""
+        return self.of_kind("position") or build("none", {})
+
+    @property
+    def scaling(self) -> Method | None:
+        return self.of_kind("scaling")
+
+    @property
+    def cache(self) -> Method | None:
+        return self.of_kind("cache")
+
+    def resolve(self, rope: Any) -> Composition:
+        """Every method with its model-derived defaults filled (``Method.resolve``)."""
+        return Composition(tuple(m.resolve(rope) for m in self.methods))
+
+    def __str__(self) -> str:
+        return format_spec(self.methods)
+
+
+def compose(spec: str | Method | Sequence[Method] | Composition, **overrides: Any) -> Composition:
+    """:func:`parse` into a :class:`Composition` (a composition passes through unchanged)."""
+    if isinstance(spec, Composition) and not overrides:
+        return spec
+    return Composition(tuple(parse(spec.methods if isinstance(spec, Composition) else spec, **overrides)))
 
 
 def methods() -> list[dict[str, Any]]:

@@ -154,12 +154,9 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, segment_map, table: Freque
 
 def _mask(q_pos, k_pos, key_valid, segment: Segment, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive mask (B, 1, bq, bk) and which rows see at least one key (B, 1, bq)."""
-    distance = q_pos[:, :, None] - k_pos[:, None, :]
-    allowed = (distance >= max(segment.min_distance, 0)) & (distance < segment.max_distance)
+    allowed = segment.admits(q_pos, k_pos)
     if key_valid is not None:
         allowed &= key_valid[:, None, :]
-    if segment.key_limit is not None:
-        allowed &= (k_pos < segment.key_limit)[:, None, :]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
     return mask[:, None], allowed.any(dim=-1)[:, None]
 

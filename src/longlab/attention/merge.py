@@ -1,4 +1,4 @@
-"""Merging partial attention results by log-sum-exp (DESIGN 2.2).
+"""Merging partial attention results by log-sum-exp (docs/design.md).
 
 Attention over a union of disjoint key sets is exact when each part returns its softmax output O_i
 and log-sum-exp lse_i:  lse = log(exp(lse_a) + exp(lse_b)),  O = O_a e^(lse_a - lse) + O_b e^(lse_b - lse).

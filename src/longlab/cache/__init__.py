@@ -1,1 +1,1 @@
-"""The KV cache: unrotated keys with the position of each key (DESIGN 2.1, 3.3)."""
+"""The KV cache: unrotated keys with the position of each key (docs/design.md, docs/cache.md)."""

@@ -1,7 +1,7 @@
 """The cache layer longlab puts into a transformers ``Cache``: unrotated keys with their positions.
 
 Keys enter unrotated, each with its original position (-1 for left padding), per
-(batch row, KV head), so a policy may keep different tokens in different heads (DESIGN 2.1, 3.3).
+(batch row, KV head), so a policy may keep different tokens in different heads (docs/design.md, docs/cache.md).
 The layer reports the number of tokens *seen* as its sequence length, which is what transformers
 uses for the next token's position and the length of the attention mask; the number *held* is its
 own business. The bridge swaps an empty ``DynamicLayer`` for this one on first use, so it works with
@@ -10,13 +10,14 @@ the cache ``generate()`` creates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from longlab.cache.entries import Entries
-from longlab.cache.policy import CachePolicy, ScoreContext
+from longlab.cache.policy import CachePolicy, ScoreContext, Scoring
 from longlab.errors import LonglabError
 
 
@@ -79,6 +80,35 @@ class LonglabLayer(CacheLayerMixin):
         counted = valid.sum(dim=1)
         self.valid_seen = counted if self.valid_seen is None else self.valid_seen + counted
 
+    def attend(self, q, k, v, q_pos, q_valid, attend: Callable[..., torch.Tensor], scoring: Scoring) -> torch.Tensor:
+        """One forward call through this layer: append the new tokens (unrotated k, v (B, Hk, T, d);
+        q_pos, q_valid (B, T)), attend over what the layer holds with ``attend(q, k, v, q_pos, k_pos,
+        key_valid)``, then let the policy compress. The model's one cache hook."""
+        self.append(k, v, q_pos, q_valid)
+        keys, values, k_pos, key_valid = self.view()
+        if self.policy is not None:
+            attend_q_pos, k_pos = self.policy.attention_positions(q_pos, k_pos, key_valid)
+        else:
+            attend_q_pos = q_pos
+        if bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
+            out = attend(q, keys, values, attend_q_pos, k_pos[:, 0], key_valid[:, 0])
+        else:  # heads hold different tokens: fold KV heads into the batch, each with its query group
+            b, hq, t, d = q.shape
+            hk = keys.shape[1]
+            out = attend(
+                q.reshape(b * hk, hq // hk, t, d),
+                keys.reshape(b * hk, 1, -1, d),
+                values.reshape(b * hk, 1, -1, d),
+                attend_q_pos.repeat_interleave(hk, dim=0),
+                k_pos.reshape(b * hk, -1),
+                key_valid.reshape(b * hk, -1),
+            ).view(b, hq, t, d)
+        del keys, values
+        table = scoring.table(int(attend_q_pos.max()) + 1)
+        self.compress(ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale,
+                                   scoring.layer_idx, scoring.n_layers))  # fmt: skip
+        return out
+
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """keys, values (B, Hk, N, d), positions (B, Hk, N) int64, valid (B, Hk, N) — newest last."""
         e = self.entries
@@ -90,7 +120,7 @@ class LonglabLayer(CacheLayerMixin):
         if self.policy is not None:
             self.policy.compress(ctx)
         if self.sliding_window and isinstance(self.entries, Entries) and self.entries.longest > self.sliding_window:
-            # the layer's own window: no query will ever see keys further back (DESIGN 3.3: free them)
+            # the layer's own window: no query will ever see keys further back (docs/cache.md: savings are freed memory)
             positions = self.entries.dense("positions").long()
             newest = positions.amax(dim=(1, 2), keepdim=True)
             self.entries.keep(positions > newest - self.sliding_window)

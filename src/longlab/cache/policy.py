@@ -3,9 +3,9 @@
 A cache policy decides what a layer's KV cache holds. After each forward call of an attention layer
 (a whole prompt, a prefill chunk, one decoding step) the layer asks its policy to :meth:`compress`
 it; eviction policies score every held entry, keep the best ``target`` per (batch row, KV head) and
-free the rest (DESIGN 3.3: savings are real, never masks).
+free the rest (docs/cache.md: savings are real, never masks).
 
-Budgets (DESIGN 3.3): ``budget=N`` keeps N entries per head; ``ratio=r`` is the compression ratio,
+Budgets (docs/cache.md): ``budget=N`` keeps N entries per head; ``ratio=r`` is the compression ratio,
 the fraction of tokens removed, so ceil((1 - r) * n) of the n tokens seen stay. During decoding the
 target is re-applied after every step, so the cache never grows past it. While decoding, an
 eviction frees 1/128 of the target more than it must (``DECODE_SLACK``), so the scoring runs once
@@ -18,6 +18,7 @@ keeps the evictions small.)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -34,6 +35,17 @@ if TYPE_CHECKING:
     from longlab.cache.layer import LonglabLayer
 
 DECODE_SLACK = 1 / 128
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What the model tells a layer so that its policy can score entries as attention would see them."""
+
+    segments: tuple[Segment, ...]
+    table: Callable[[int], FrequencyTable]  # the position method's table at a sequence length
+    scale: float
+    layer_idx: int
+    n_layers: int
 
 
 @dataclass
@@ -82,8 +94,6 @@ class CachePolicy(Method):
     kind = "cache"
     chunk: int | None = None
     query_aware: ClassVar[bool] = False
-    # StreamingLLM rotates keys at their slot in the cache rather than their original position.
-    slot_positions: ClassVar[bool] = False
 
     def check_chunk(self) -> None:
         check_range(self.name, "chunk", self.chunk, low=1, integer=True)
@@ -95,6 +105,13 @@ class CachePolicy(Method):
     def new_store(self, fields: dict[str, torch.Tensor]) -> Entries:
         """The storage of a layer's entries, created from its first tokens (B, H, T, ...)."""
         return Entries.from_dense(fields)
+
+    def attention_positions(
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor, key_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions attention rotates at: q_pos (B, Tq), k_pos (B, Hk, N) -> the same shapes.
+        The tokens' own positions by default; StreamingLLM uses cache slots."""
+        return q_pos, k_pos
 
     def compress(self, ctx: ScoreContext) -> None:
         """Evict from ``ctx.layer`` after a forward call; the default keeps everything."""

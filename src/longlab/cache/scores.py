@@ -2,7 +2,7 @@
 
 H2O, TOVA and SnapKV score a key by the softmax probability queries give it. The probabilities
 must be those the model actually uses — under the active position method, whose segments rotate
-the same pair differently by distance (DESIGN 2.2) — so each query block's logits are assembled
+the same pair differently by distance (docs/design.md) — so each query block's logits are assembled
 segment by segment (every admitted pair belongs to exactly one segment), soft-maxed over the keys,
 and summed over the block's queries. Memory is one (block x keys) slab per head, never (L x L).
 """
@@ -44,13 +44,9 @@ def attention_mass(
     rotated = [_rotate_per_head(k_float[:, :, None], segment.key_map(k_pos), table)[:, :, 0] for segment in segments]
     for start in range(0, tq, block):
         stop = min(start + block, tq)
-        distance = q_pos[:, :, start:stop, None] - k_pos[:, :, None, :]  # (B, Hk, bq, Tk)
         logits = torch.full((b, hk, g, stop - start, k.shape[2]), -torch.inf, device=q.device)
         for segment, k_rot in zip(segments, rotated, strict=True):
-            allowed = (distance >= max(segment.min_distance, 0)) & (distance < segment.max_distance)
-            allowed &= key_valid[:, :, None, :]
-            if segment.key_limit is not None:
-                allowed &= (k_pos < segment.key_limit)[:, :, None, :]
+            allowed = segment.admits(q_pos[:, :, start:stop], k_pos) & key_valid[:, :, None, :]  # (B, Hk, bq, Tk)
             q_rot = _rotate_per_head(q_float[:, :, :, start:stop], segment.query_map(q_pos[:, :, start:stop]), table)
             piece = torch.einsum("bhgqd,bhkd->bhgqk", q_rot, k_rot) * scale
             logits = torch.where(allowed[:, :, None], piece, logits)

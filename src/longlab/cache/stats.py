@@ -45,17 +45,12 @@ class CacheStats:
 
 
 def cache_stats(source: Any) -> CacheStats:
-    """Statistics of a cache, or of the cache a patched model wrote most recently (as it was after
-    the model's last forward call: the cache itself is not kept alive).
+    """Statistics of a transformers cache holding longlab layers (``longlab.cache_stats`` also takes
+    a patched model: :func:`longlab.bridge.cache_stats`).
 
-    ``bytes_full`` follows DESIGN 3.3: 2 * kv_heads * head_dim * bytes per token and layer, in the
-    dtype of the layer's values, for every token seen.
+    ``bytes_full`` is what an uncompressed cache holds (docs/cache.md): 2 * kv_heads * head_dim *
+    bytes per token and layer, in the dtype of the layer's values, for every token seen.
     """
-    patch = getattr(source, "_longlab_patch", None)
-    if patch is not None:
-        if patch.last_stats is None:
-            raise LonglabError("this model has not written a cache yet (run generate() or a forward with use_cache)")
-        return patch.last_stats
     layers = [layer for layer in getattr(source, "layers", []) if isinstance(layer, LonglabLayer) and layer.entries]
     if not layers:
         raise LonglabError(f"{type(source).__name__} holds no longlab cache layers; apply longlab and run the model")

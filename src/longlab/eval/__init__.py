@@ -1,1 +1,1 @@
-"""Measuring: long-context tasks, metrics, and the runner (DESIGN 2.4, 3.4)."""
+"""Measuring: long-context tasks, metrics, and the runner (docs/evaluation.md)."""

@@ -1,10 +1,15 @@
 """Running a model for evaluation: encoding prompts, greedy answers that stop at their natural end,
-and per-token losses computed without materialising the full logits."""
+per-token losses computed without materialising the full logits, and held-out perplexity."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+from longlab.errors import LonglabError
+
+POSITION_BUCKETS = 64
 
 
 def encode(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
@@ -55,3 +60,35 @@ def token_losses(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         targets = ids[0, start + 1 : start + 1 + logits.shape[0]]
         losses.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none"))
     return torch.cat(losses)
+
+
+def held_out_tokens(tokenizer) -> np.ndarray:
+    from longlab.data.corpus import documents, split_of, token_stream
+
+    return token_stream(tokenizer, (text for name, text in documents() if split_of(name) == "test"))
+
+
+def perplexity_sample(model, tokens: np.ndarray, length: int, index: int, count: int, stride_fraction: float) -> dict:
+    """Whole-window and sliding-window losses of one held-out span, and the bucketed position curve."""
+    span = 2 * length
+    if len(tokens) < span + count:
+        raise LonglabError(f"held-out text has {len(tokens)} tokens; ppl at length {length} needs {span + count}")
+    start = index * (len(tokens) - span) // max(count, 1)
+    text = torch.from_numpy(tokens[start : start + span]).long()[None].to(model.device)
+    whole = token_losses(model, text[:, :length])
+    stride = max(1, int(length * stride_fraction))
+    sliding, scored = [], 0
+    for begin in range(0, span - length + 1, stride):
+        losses = token_losses(model, text[:, begin : begin + length])
+        fresh = losses if begin == 0 else losses[-stride:]
+        sliding.append(fresh)
+        scored = begin + length
+    sliding_losses = torch.cat(sliding)
+    buckets = [float(chunk.mean()) for chunk in torch.tensor_split(whole, POSITION_BUCKETS)]
+    return {
+        "tokens": length,
+        "loss_whole": float(whole.mean()),
+        "loss_sliding": float(sliding_losses.mean()),
+        "sliding_tokens": scored,
+        "position_loss": [round(b, 4) for b in buckets],
+    }

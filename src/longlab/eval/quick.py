@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from longlab.data.synthetic import Sample
 from longlab.eval.generation import encode, generate_answers, token_losses
-from longlab.eval.synthetic import Sample
 
 
 def retrieval_accuracy(

@@ -51,7 +51,7 @@ def summarize(rows: list[dict], train_length: int | None = None) -> tuple[dict, 
                 if not cell:
                     continue
                 entry = {"n": len(cell)}
-                if "loss_whole" in cell[0]:
+                if cell[0].get("kind", "perplexity" if "loss_whole" in cell[0] else "generation") == "perplexity":
                     entry["ppl_whole"] = round(math.exp(np.mean([r["loss_whole"] for r in cell])), 4)
                     entry["ppl_sliding"] = round(math.exp(np.mean([r["loss_sliding"] for r in cell])), 4)
                     curve = np.mean([r["position_loss"] for r in cell], axis=0)

@@ -1,7 +1,7 @@
 """RULER's synthetic tasks (Hsieh et al., 2024, "RULER: What's the Real Context Size of Your
 Long-Context Language Models?"), for those that need no downloaded data.
 
-Templates, answer prefixes, value types and metrics follow RULER (DESIGN 3.4); keys and words come
+Templates, answer prefixes, value types and metrics follow RULER (docs/evaluation.md); keys and words come
 from wonderwords' lists. The prose haystack stands in for RULER's Paul Graham essays.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from longlab.eval import synthetic
-from longlab.eval.haystack import filler
-from longlab.eval.synthetic import Sample, fit
+from longlab.data import synthetic
+from longlab.data.haystack import filler
+from longlab.data.synthetic import Sample, fit
 
 
 @dataclass(frozen=True)

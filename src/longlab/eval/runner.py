@@ -21,18 +21,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import longlab
+from longlab.bridge import apply, reset
+from longlab.data.synthetic import Sample
 from longlab.errors import LonglabError
 from longlab.eval import memory
-from longlab.eval.generation import encode, generate_answers, token_losses
-from longlab.eval.synthetic import Sample
-from longlab.eval.tasks import Task, parse_task
-from longlab.models.bundled import load, resolve_device
+from longlab.eval.tasks import CellContext, HeldOut, Task, parse_task
+from longlab.loading import load, resolve_device
 from longlab.positions import RopeConfig
+from longlab.spec import Composition, compose
 
 DEFAULT_METHODS = (
     "none",
@@ -43,7 +42,6 @@ DEFAULT_METHODS = (
     "rerope:window=256",
 )
 DEFAULT_TASKS = ("passkey", "niah", "ppl")
-POSITION_BUCKETS = 64
 
 
 @dataclass
@@ -163,58 +161,22 @@ class Ranks:
             dist.barrier()
 
 
-# -- generation and perplexity --------------------------------------------------------------------
-
-
-def _held_out_tokens(tokenizer) -> np.ndarray:
-    from longlab.models.corpus import documents, split_of
-    from longlab.models.train import token_stream
-
-    return token_stream(tokenizer, (text for name, text in documents() if split_of(name) == "test"))
-
-
-def perplexity_sample(model, tokens: np.ndarray, length: int, index: int, count: int, stride_fraction: float) -> dict:
-    """Whole-window and sliding-window losses of one held-out span, and the bucketed position curve."""
-    span = 2 * length
-    if len(tokens) < span + count:
-        raise LonglabError(f"held-out text has {len(tokens)} tokens; ppl at length {length} needs {span + count}")
-    start = index * (len(tokens) - span) // max(count, 1)
-    text = torch.from_numpy(tokens[start : start + span]).long()[None].to(model.device)
-    whole = token_losses(model, text[:, :length])
-    stride = max(1, int(length * stride_fraction))
-    sliding, scored = [], 0
-    for begin in range(0, span - length + 1, stride):
-        losses = token_losses(model, text[:, begin : begin + length])
-        fresh = losses if begin == 0 else losses[-stride:]
-        sliding.append(fresh)
-        scored = begin + length
-    sliding_losses = torch.cat(sliding)
-    buckets = [float(chunk.mean()) for chunk in torch.tensor_split(whole, POSITION_BUCKETS)]
-    return {
-        "tokens": length,
-        "loss_whole": float(whole.mean()),
-        "loss_sliding": float(sliding_losses.mean()),
-        "sliding_tokens": scored,
-        "position_loss": [round(b, 4) for b in buckets],
-    }
-
-
 # -- the run --------------------------------------------------------------------------------------
 
 
-def _check_before_work(model, methods: list[str], lengths: list[int], config: EvalConfig) -> None:
+def _check_before_work(model, methods: list[Composition], lengths: list[int], config: EvalConfig) -> None:
     """Fail on an impossible length before any work: beyond a method's designed reach, or more
     memory than the machine has."""
-    from longlab.models.bridge import rope_config
+    from longlab.bridge.patch import rope_config
 
     rope: RopeConfig = rope_config(model)
     for spec in methods:
-        position = next((m for m in longlab.parse(spec) if m.kind == "position"), None)
+        position = spec.of_kind("position")
         reach = position.resolve(rope).reach() if position is not None else None
         too_long = [n for n in lengths if reach is not None and n > reach]
         if too_long and not config.allow_beyond_reach:
             raise LonglabError(
-                f"method {spec!r} is designed for inputs up to {reach} tokens (L_train = {rope.original_length}); "
+                f"method {str(spec)!r} is designed for inputs up to {reach} tokens (L_train = {rope.original_length}); "
                 f"lengths {too_long} are beyond it. Raise its factor/group, drop those lengths, "
                 "or pass --allow-beyond-reach to measure the breakdown"
             )
@@ -231,7 +193,8 @@ def run(config: EvalConfig) -> Path:
     """Run the matrix, appending to ``{out}/results.jsonl``, then write the report; returns ``out``."""
     from longlab.eval.report import write_report
 
-    methods = [longlab.format_spec(longlab.parse(spec)) for spec in config.methods]
+    compositions = {str(c): c for c in map(compose, config.methods)}  # each spec parsed once, here
+    methods = list(compositions)
     tasks: list[Task] = [parse_task(spec) for spec in config.tasks]
     ranks = Ranks.from_environment()
     ranks.start()
@@ -243,7 +206,7 @@ def run(config: EvalConfig) -> Path:
     model.generation_config.max_length = None
     train_length = model.config.max_position_embeddings
     lengths = config.lengths or [train_length, 2 * train_length, 4 * train_length]
-    _check_before_work(model, methods, lengths, config)
+    _check_before_work(model, list(compositions.values()), lengths, config)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +231,7 @@ def run(config: EvalConfig) -> Path:
             count = config.samples or task.default_samples
             for subtask in task.subtasks():
                 cells += [(method, task, subtask, length, count) for length in lengths]
-    held_out = _held_out_tokens(tokenizer) if any(t.kind == "perplexity" for t in tasks) else None
+    held_out = HeldOut(tokenizer)
 
     prepared = _prepare_samples(cells, tokenizer, config.seed)  # every prompt is built before any work
     mine = [(index, cell) for index, cell in enumerate(cells) if index % ranks.world == ranks.rank]
@@ -281,41 +244,27 @@ def run(config: EvalConfig) -> Path:
         if not todo:
             continue
         if applied != method:
-            longlab.apply(model, method)
+            apply(model, compositions[method])
             applied = method
         cell = tqdm(total=len(todo), desc=f"{method} | {subtask} | {length}", unit="sample", leave=False)
-        if task.kind == "perplexity":
-            for i in todo:
-                memory.reset_peak(device)
-                began = time.perf_counter()
-                row = perplexity_sample(model, held_out, length, i, count, task.stride_fraction)
-                _record(results, index, method, subtask, length, i, config.seed, began, row, device)
-                cell.update()
-                overall.update()
-        else:
-            samples = prepared[subtask, length]
-            for batch in _batches(todo, config.batch_size):
-                prompts = [encode(tokenizer, samples[i].prompt, config.chat) for i in batch]
-                memory.reset_peak(device)
-                began = time.perf_counter()
-                answers = generate_answers(model, tokenizer, prompts, task.new_tokens(subtask))
-                for i, prompt, answer in zip(batch, prompts, answers, strict=True):
-                    sample: Sample = samples[i]
-                    row = {
-                        "depth": sample.meta.get("depth"),
-                        "prompt_tokens": prompt.shape[1],
-                        "expected": sample.answers,
-                        "predicted": answer,
-                        "score": task.score(subtask, answer, sample),
-                    }
-                    _record(
-                        results, index, method, subtask, length, i, config.seed, began, row, device, share=len(batch)
-                    )
-                cell.update(len(batch))
-                overall.update(len(batch))
+        context = CellContext(model, tokenizer, subtask, length, count, prepared.get((subtask, length)), config.chat,
+                              config.batch_size, held_out)  # fmt: skip
+        batches = task.measure(context, todo)
+        while True:  # the task does the work of each batch; the runner times it and records its rows
+            memory.reset_peak(device)
+            began = time.perf_counter()
+            done = next(batches, None)
+            if done is None:
+                break
+            indices, rows = done
+            for i, row in zip(indices, rows, strict=True):
+                row = {"kind": task.kind, **row}
+                _record(results, index, method, subtask, length, i, config.seed, began, row, device, len(indices))
+            cell.update(len(indices))
+            overall.update(len(indices))
         cell.close()
     overall.close()
-    longlab.reset(model)
+    reset(model)
     ranks.wait_for_all()
     if ranks.rank == 0:
         write_report(out, train_length=train_length)
@@ -333,10 +282,6 @@ def _prepare_samples(cells, tokenizer, seed: int) -> dict[tuple[str, int], list[
         except ValueError as error:
             raise LonglabError(f"task {subtask!r} at length {length}: {error}") from None
     return prepared
-
-
-def _batches(items: list[int], size: int) -> list[list[int]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _record(results: Results, cell, method, task, length, sample, seed, began, row: dict, device, share=1) -> None:

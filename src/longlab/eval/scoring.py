@@ -1,4 +1,4 @@
-"""Scores for generated answers (DESIGN 3.4)."""
+"""Scores for generated answers (docs/evaluation.md)."""
 
 from __future__ import annotations
 

@@ -11,16 +11,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
+from longlab.data import synthetic
+from longlab.data.haystack import filler
+from longlab.data.synthetic import Sample, fit
 from longlab.errors import SpecError
-from longlab.eval import ruler, synthetic
-from longlab.eval.haystack import filler
+from longlab.eval import ruler
+from longlab.eval.generation import encode, generate_answers, held_out_tokens, perplexity_sample
 from longlab.eval.metrics import DATASET_METRIC, METRICS, best_over_references
 from longlab.eval.scoring import first_integer_matches, string_match_all
-from longlab.eval.synthetic import Sample, fit
 from longlab.method import check_range, field_types
 from longlab.spec import closest, convert, split_part
 
@@ -36,6 +41,33 @@ def _seed(*parts: object) -> int:
     """A stable seed from the cell's identity (Python's hash() of str is salted per process)."""
     text = "/".join(map(str, parts))
     return sum((i + 1) * ord(c) for i, c in enumerate(text)) * 1_000_003 % (2**61 - 1)
+
+
+class HeldOut:
+    """The held-out test text as tokens, read on first use (only perplexity needs it)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self._tokens = tokenizer, None
+
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = held_out_tokens(self.tokenizer)
+        return self._tokens
+
+
+@dataclass
+class CellContext:
+    """What a task needs to measure the samples of one (subtask, length) cell."""
+
+    model: Any
+    tokenizer: Any
+    subtask: str
+    length: int
+    count: int
+    samples: list[Sample] | None  # generation prompts, built before any work
+    chat: bool
+    batch_size: int
+    held_out: HeldOut
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,22 @@ class Task:
     def cell_size(self, count: int) -> int:
         """Samples in one (subtask, length) cell for ``count`` samples asked."""
         return count
+
+    def measure(self, cell: CellContext, todo: list[int]) -> Iterator[tuple[list[int], list[dict]]]:
+        """Measure samples ``todo`` of a cell, a batch at a time: yields (sample indices, their rows).
+        The runner times each batch and records its rows. Generation tasks: greedy answers, scored."""
+        for start in range(0, len(todo), cell.batch_size):
+            batch = todo[start : start + cell.batch_size]
+            prompts = [encode(cell.tokenizer, cell.samples[i].prompt, cell.chat) for i in batch]
+            answers = generate_answers(cell.model, cell.tokenizer, prompts, self.new_tokens(cell.subtask))
+            rows = []
+            for i, prompt, answer in zip(batch, prompts, answers, strict=True):
+                sample = cell.samples[i]
+                rows.append({
+                    "depth": sample.meta.get("depth"), "prompt_tokens": prompt.shape[1], "expected": sample.answers,
+                    "predicted": answer, "score": self.score(cell.subtask, answer, sample),
+                })  # fmt: skip
+            yield batch, rows
 
 
 @register
@@ -194,6 +242,11 @@ class Perplexity(Task):
 
     def __post_init__(self) -> None:
         check_range(self.name, "stride_fraction", self.stride_fraction, low=0, high=1, low_open=True)
+
+    def measure(self, cell: CellContext, todo: list[int]) -> Iterator[tuple[list[int], list[dict]]]:
+        tokens = cell.held_out.tokens()
+        for i in todo:
+            yield [i], [perplexity_sample(cell.model, tokens, cell.length, i, cell.count, self.stride_fraction)]
 
 
 @register

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import longlab
+from longlab.bridge import apply
+from longlab.loading import load
 from longlab.parallel.shard import MODES, shard
 from longlab.parallel.stats import reset_stats, stats
 
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model, _ = longlab.load(args.model, dtype=torch.float32)
+    model, _ = load(args.model, dtype=torch.float32)
     model.to(device).train()
-    longlab.apply(model, args.spec)
+    apply(model, args.spec)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(2, model.config.vocab_size, (args.batch, args.length), generator=generator).to(device)
 

@@ -32,7 +32,7 @@ from longlab.attention.merge import merge_into
 from longlab.errors import LonglabError
 from longlab.method import Method
 from longlab.parallel.comm import DKV_TAG, KV_TAG, Group, pack, unpack
-from longlab.parallel.methods import prepare
+from longlab.parallel.prepare import prepare
 from longlab.parallel.stats import count_pairs, stats
 from longlab.positions import FrequencyTable, RopeConfig
 from longlab.positions.segments import Segment

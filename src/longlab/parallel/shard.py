@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longlab.bridge.patch import Patch, patch_of, segments_for
 from longlab.errors import LonglabError
-from longlab.models.bridge import Patch, segments_for
 from longlab.parallel.comm import Group
 from longlab.parallel.layout import SequenceLayout, check_layout
 from longlab.parallel.ring import ring_segmented_attention
@@ -47,7 +47,7 @@ class SequenceParallel:
         self, model: torch.nn.Module, group: Any = None, layout: str = "zigzag", mode: str = "ring",
         block_size: int | None = None,
     ) -> None:  # fmt: skip
-        patch: Patch | None = getattr(model, "_longlab_patch", None)
+        patch: Patch | None = patch_of(model)
         if patch is None:
             raise LonglabError("shard(model) needs a longlab-patched model: call longlab.apply(model, spec) first")
         if mode not in MODES:

@@ -23,7 +23,7 @@ from longlab.attention.kernel import SegmentedAttention, plan
 from longlab.errors import LonglabError
 from longlab.method import Method
 from longlab.parallel.comm import Group
-from longlab.parallel.methods import prepare
+from longlab.parallel.prepare import prepare
 from longlab.parallel.stats import count_pairs, stats
 from longlab.positions import FrequencyTable, RopeConfig
 from longlab.positions.segments import Segment

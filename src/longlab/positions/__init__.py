@@ -1,4 +1,4 @@
-"""Position methods: how a query-key pair learns its distance (DESIGN 2, 3.1, 3.2).
+"""Position methods: how a query-key pair learns its distance (docs/design.md).
 
 Importing this package registers every method under its spec name.
 """
@@ -10,8 +10,8 @@ from longlab.positions import (  # noqa: F401  (imported to register the methods
     lm_infinite,
     logn,
     longrope,
+    none,
     ntk,
-    plain,
     rerope,
     selfextend,
     sliding,

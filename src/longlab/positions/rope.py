@@ -2,7 +2,7 @@
 
 RoPE (Su et al., 2021, "RoFormer", eq. 34) rotates each pair of channels (i, i + d/2) of a query or
 key at position p by the angle p * inv_freq_i, with inv_freq_i = base^(-2i/d). Because keys are
-cached unrotated (DESIGN 2.1), the attention kernel calls :func:`rotate` itself, with whatever
+cached unrotated (docs/design.md), the attention kernel calls :func:`rotate` itself, with whatever
 positions the active method assigns.
 """
 

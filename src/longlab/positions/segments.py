@@ -1,6 +1,6 @@
 """Segments: how a position method splits the keys of each query into ranges with one rotation rule.
 
-Every extension method is a set of segments (DESIGN 2.2). A segment selects the keys at relative
+Every extension method is a set of segments (docs/design.md). A segment selects the keys at relative
 distance ``min_distance <= q_pos - k_pos < max_distance`` (optionally only keys whose position is below
 ``key_limit``) and says at which positions the query and the key are rotated for that range. The
 kernel computes each segment blockwise and merges the pieces by log-sum-exp.
@@ -80,6 +80,18 @@ class Segment:
     def __post_init__(self) -> None:
         if self.min_distance < 0 or self.max_distance <= self.min_distance:
             raise ValueError(f"segment needs 0 <= min_distance < max_distance, got {self}")
+
+    def admits(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Which (query, key) pairs this segment takes: q_pos (..., Tq), k_pos (..., Tk) -> (..., Tq, Tk).
+
+        Causal by position (a key after the query is never admitted), then the segment's distance
+        range and key limit. The one definition the kernel's masks and the cache's scores share.
+        """
+        distance = q_pos[..., :, None] - k_pos[..., None, :]
+        allowed = (distance >= max(self.min_distance, 0)) & (distance < self.max_distance)
+        if self.key_limit is not None:
+            allowed &= (k_pos < self.key_limit)[..., None, :]
+        return allowed
 
     @property
     def unbounded(self) -> bool:

@@ -11,7 +11,7 @@ from longlab.method import register
 @register
 @dataclass(frozen=True)
 class Full(CachePolicy):
-    """The uncompressed cache: every token, unrotated, with its position (DESIGN 2.1). Equals no
+    """The uncompressed cache: every token, unrotated, with its position (docs/design.md). Equals no
     cache policy; with ``chunk`` it still prefills in chunks (exact, since nothing is evicted)."""
 
     name = "full"

@@ -22,7 +22,7 @@ class SnapKV(EvictionPolicy):
     summed over the window and averaged over the query heads of its KV head, then smoothed by 1-D
     pooling of width ``kernel`` so a kept token brings its neighbours (``pooling``: ``avg`` as in
     kvpress and PyramidKV's code, or ``max``, the reference code's other option); keep the top
-    ``budget`` per head and always the window itself (DESIGN 3.3). Query-aware when the question
+    ``budget`` per head and always the window itself (docs/cache.md). Query-aware when the question
     ends the prompt: its tokens are the window. The window is the last queries of the current call —
     a prompt, a prefill chunk, or while decoding the one new token — so no queries are kept between
     calls."""

@@ -20,7 +20,6 @@ class Streaming(CachePolicy):
     rule, possible here because keys are cached before RoPE). Query-agnostic."""
 
     name = "streaming"
-    slot_positions = True
     sinks: int = 4
     window: int = 1020
 
@@ -28,6 +27,12 @@ class Streaming(CachePolicy):
         check_range(self.name, "sinks", self.sinks, low=0, integer=True)
         check_range(self.name, "window", self.window, low=1, integer=True)
         self.check_chunk()
+
+    def attention_positions(self, q_pos, k_pos, key_valid):
+        """Positions are cache slots: each held key at its index among the valid entries of its row,
+        the new queries at the last slots."""
+        slots = torch.cumsum(key_valid.long(), dim=-1) - 1
+        return slots[:, 0, -q_pos.shape[1] :], slots
 
     def compress(self, ctx: ScoreContext) -> None:
         valid = ctx.valid
@@ -40,8 +45,3 @@ class Streaming(CachePolicy):
         ctx.layer.entries.keep(
             keep_top(scores, valid, torch.full((valid.shape[0],), self.sinks + self.window, device=valid.device))
         )
-
-
-def slots(valid: torch.Tensor) -> torch.Tensor:
-    """StreamingLLM positions: each held entry's index among the valid entries of its row."""
-    return torch.cumsum(valid.long(), dim=-1) - 1

@@ -10,7 +10,7 @@ from longlab.positions.base import PositionMethod
 
 @register
 @dataclass(frozen=True)
-class NoExtension(PositionMethod):
+class NoneMethod(PositionMethod):
     """Plain RoPE as the model was trained (Su et al., 2021, RoFormer eq. 34).
 
     Uses the model's own frequency table (``rope_parameters``), so logits equal the unpatched model's.

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import reference
 from longlab import parse
 from longlab.attention.kernel import segmented_attention
 from longlab.attention.merge import merge_into
 from longlab.positions.rope import RopeConfig
+from support import reference
+from support.memory import LargestTensor
 
 HEAD_DIM = 16
 # The remap methods rotate with the model's native table; a float64 one lets float64 runs be exact.
@@ -150,25 +150,12 @@ def test_merge_of_empty_parts_is_empty_not_nan():
     assert acc[0, 0, 0].eq(1).all() and acc[0, 0, 1].eq(0).all() and lse[0, 0, 0] == 0
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def _largest_tensor(spec: str, length: int) -> int:
     q, k, v = (torch.randn(1, 2, length, HEAD_DIM) for _ in range(3))
     valid = torch.ones(1, length, dtype=torch.bool)
     valid[0, :5] = False  # padding forces the masked, blocked path even for "none"
     pos = torch.arange(length)[None]
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         _ours(spec, q, k, v, pos, pos, key_valid=valid)
     return probe.largest
 

@@ -2,7 +2,7 @@
 
 After ``apply`` each attention module of the model computes q, k, v with its own projections (and
 Qwen3's q/k norms), stores *unrotated* keys plus their positions in the cache, and calls the
-segmented kernel, which rotates q and k at the positions the active method assigns (DESIGN 2.1).
+segmented kernel, which rotates q and k at the positions the active method assigns (docs/design.md).
 The model's mask creation is switched to a registered "longlab" implementation that passes only the
 (B, keys) padding mask through, so no (L x L) mask is ever built.
 """
@@ -10,6 +10,7 @@ The model's mask creation is switched to a registered "longlab" implementation t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,16 +22,16 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from longlab.attention.backends import BACKENDS, backend_for
 from longlab.attention.kernel import segmented_attention
+from longlab.bridge.prefill import install_chunked_prefill, uninstall_chunked_prefill
 from longlab.cache.layer import layer_for
-from longlab.cache.policies.streaming import slots
-from longlab.cache.policy import CachePolicy, ScoreContext
-from longlab.cache.stats import cache_stats
+from longlab.cache.policy import CachePolicy, Scoring
+from longlab.cache.stats import CacheStats
+from longlab.cache.stats import cache_stats as stats_of_cache
 from longlab.errors import LonglabError, UnsupportedModelError
 from longlab.method import Method
-from longlab.models import prefill
 from longlab.positions import FrequencyTable, PositionMethod, RopeConfig, ScalingMethod
 from longlab.positions.segments import Segment
-from longlab.spec import format_spec, parse
+from longlab.spec import Composition, compose, format_spec
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 IMPLEMENTATION = "longlab"
@@ -157,20 +158,17 @@ def _check_input_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> N
         raise LonglabError(f"the model is on {expected} but {where}; move the inputs with .to({str(expected)!r})")
 
 
-def apply(model: torch.nn.Module, spec: str | Method = "none", **params: Any) -> torch.nn.Module:
+def apply(model: torch.nn.Module, spec: str | Method | Composition = "none", **params: Any) -> torch.nn.Module:
     """Make ``model`` compute attention with the method(s) in ``spec``; returns the model.
 
-    ``spec`` is a spec string (``"yarn:factor=4+logn"``) or a method object; keyword ``params`` set
-    parameters of the named method (``apply(model, "yarn", factor=4)``). Applying again replaces the
-    active methods.
+    ``spec`` is a spec string (``"yarn:factor=4+logn"``), a method object or a parsed
+    :class:`~longlab.spec.Composition`; keyword ``params`` set parameters of the named method
+    (``apply(model, "yarn", factor=4)``). Applying again replaces the active methods.
     """
     _check_supported(model)
-    methods = parse(spec, **params)
     rope = rope_config(model)
-    resolved = [m.resolve(rope) for m in methods]
-    position = next((m for m in resolved if m.kind == "position"), None) or parse("none")[0]
-    scaling = next((m for m in resolved if m.kind == "scaling"), None)
-    cache = next((m for m in resolved if m.kind == "cache"), None)
+    methods = compose(spec, **params).resolve(rope)
+    position, scaling, cache = methods.position, methods.scaling, methods.cache
     if is_applied(model):
         reset(model)
     patch = Patch(position, scaling, cache, rope, model.config._attn_implementation)
@@ -181,26 +179,43 @@ def apply(model: torch.nn.Module, spec: str | Method = "none", **params: Any) ->
         module.forward = types.MethodType(_attention_forward, module)
         patch.modules.append(module)
     if cache is not None and cache.chunk:
-        prefill.install(model, cache.chunk)
+        install_chunked_prefill(model, cache.chunk)
     setattr(model, _ATTRIBUTE, patch)
     return model
 
 
 def is_applied(model: torch.nn.Module) -> bool:
-    return getattr(model, _ATTRIBUTE, None) is not None
+    return patch_of(model) is not None
+
+
+def patch_of(model: torch.nn.Module) -> Patch | None:
+    """What ``apply`` installed on ``model`` (None when it is not patched): the one way in for the
+    modules that build on a patched model (sequence parallelism, cache statistics)."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
+def cache_stats(source: Any) -> CacheStats:
+    """Statistics of a cache, or of the cache a patched model wrote most recently (as it was after
+    the model's last forward call: the cache itself is not kept alive)."""
+    patch = patch_of(source) if isinstance(source, torch.nn.Module) else None
+    if patch is None:
+        return stats_of_cache(source)
+    if patch.last_stats is None:
+        raise LonglabError("this model has not written a cache yet (run generate() or a forward with use_cache)")
+    return patch.last_stats
 
 
 def reset(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``apply``: the model's own attention and RoPE again. Caches built while patched hold
     unrotated keys and must not be reused."""
-    patch: Patch | None = getattr(model, _ATTRIBUTE, None)
+    patch = patch_of(model)
     if patch is None:
         return model
     for module in patch.modules:
         del module.forward
         del module._longlab_patch
     patch.device_check.remove()
-    prefill.uninstall(model)
+    uninstall_chunked_prefill(model)
     model.set_attn_implementation(patch.previous_implementation)
     delattr(model, _ATTRIBUTE)
     return model
@@ -208,7 +223,7 @@ def reset(model: torch.nn.Module) -> torch.nn.Module:
 
 def describe(model: torch.nn.Module) -> str:
     """One line naming the active methods with all parameters, and the model's RoPE constants."""
-    patch: Patch | None = getattr(model, _ATTRIBUTE, None)
+    patch = patch_of(model)
     if patch is None:
         return "longlab: not applied (the model uses its own attention)"
     rope = patch.rope
@@ -223,7 +238,7 @@ def describe(model: torch.nn.Module) -> str:
 
 
 def active_methods(model: torch.nn.Module) -> list[Method]:
-    patch: Patch | None = getattr(model, _ATTRIBUTE, None)
+    patch = patch_of(model)
     return patch.methods if patch is not None else []
 
 
@@ -253,37 +268,13 @@ def local_attention(module: torch.nn.Module, q, k, v, q_pos, k_pos, key_valid) -
 def _cached_attention(module, patch: Patch, q, k, v, q_pos, q_valid, cache) -> torch.Tensor:
     """Append the new keys to the layer's cache, attend over what it holds, then let the policy evict."""
     layer = layer_for(cache, module.layer_idx, patch.cache, _sliding_window(module))
-    batch, length = q_pos.shape
     if q_valid is None:
-        q_valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-    layer.append(k, v, q_pos, q_valid)
-    keys, values, k_pos, key_valid = layer.view()
-    attend_q_pos = q_pos
-    if patch.cache is not None and patch.cache.slot_positions:
-        k_pos = slots(key_valid)  # StreamingLLM: positions are cache slots, the queries' own at the end
-        attend_q_pos = k_pos[:, 0, -length:]
-    if bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
-        out = local_attention(module, q, keys, values, attend_q_pos, k_pos[:, 0], key_valid[:, 0])
-    else:  # heads hold different tokens: fold KV heads into the batch, each with its query group
-        b, hq, t, d = q.shape
-        hk = keys.shape[1]
-        out = local_attention(
-            module,
-            q.reshape(b * hk, hq // hk, t, d),
-            keys.reshape(b * hk, 1, -1, d),
-            values.reshape(b * hk, 1, -1, d),
-            attend_q_pos.repeat_interleave(hk, dim=0),
-            k_pos.reshape(b * hk, -1),
-            key_valid.reshape(b * hk, -1),
-        ).view(b, hq, t, d)
-    del keys, values
-    table = patch.table(int(attend_q_pos.max()) + 1, q.device)
-    layer.compress(
-        ScoreContext(layer, q, q_pos, q_valid, segments_for(patch, module), table, module.scaling, module.layer_idx,
-                     len(patch.modules))
-    )  # fmt: skip
+        q_valid = torch.ones(q_pos.shape, dtype=torch.bool, device=q.device)
+    scoring = Scoring(segments_for(patch, module), lambda length: patch.table(length, q.device), module.scaling,
+                      module.layer_idx, len(patch.modules))  # fmt: skip
+    out = layer.attend(q, k, v, q_pos, q_valid, functools.partial(local_attention, module), scoring)
     if module is patch.modules[-1]:
-        patch.last_stats = cache_stats(cache)
+        patch.last_stats = stats_of_cache(cache)
     return out
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import longlab
-from models import L_TRAIN, build
+from support.models import L_TRAIN, build
 
 # longlab spec -> the equivalent transformers rope_parameters
 EQUIVALENT = {

@@ -144,7 +144,7 @@ def _run_model(rank: int, world: int, spec: str, algorithm: str, layout: str, le
         loss.backward()
         sp.all_reduce_gradients()
         full_logits = sp.gather(logits.detach())
-    assert model._longlab_patch.attend is None and model.config.use_cache  # restored on exit
+    assert longlab.bridge.patch_of(model).attend is None and model.config.use_cache  # restored on exit
     grads = {name: p.grad for name, p in model.named_parameters()} if rank == 0 else {}
     return {"loss": loss.detach(), "grads": grads, "logits": full_logits if rank == 0 else None}
 

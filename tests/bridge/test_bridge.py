@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import longlab
-from models import L_TRAIN, build
+from support.models import L_TRAIN, build
 
 
 def _ids(batch=2, length=50, seed=0):

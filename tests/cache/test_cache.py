@@ -14,15 +14,14 @@ import torch.nn.functional as F
 
 import longlab
 from longlab.cache.layer import LonglabLayer
-from longlab.cache.policies.streaming import slots
 from longlab.cache.policy import ScoreContext
 from longlab.cache.quantized import QuantizedEntries, dequantize, pack4, quantize, unpack4
 from longlab.cache.scores import attention_mass
 from longlab.positions import FrequencyTable
 from longlab.positions.rope import base_inv_freq
-from models import build
-from reference import distances, inv_freq, rotate_pairwise
-from test_kernel import _LargestTensor
+from support.memory import LargestTensor
+from support.models import build
+from support.reference import distances, inv_freq, rotate_pairwise
 
 B, HK, G, N, D = 2, 2, 2, 48, 16
 SCALE = D**-0.5
@@ -85,7 +84,9 @@ def test_streaming_keeps_sinks_and_recent_and_assigns_slot_positions():
     # StreamingLLM's rule: the i-th held key is at position i; the next token's query at slot 16
     _, k, v = _tensors(1)
     layer.append(k[:, :, :1], v[:, :, :1], torch.full((B, 1), N), torch.ones(B, 1, dtype=torch.bool))
-    assert slots(layer.entries.dense("positions") >= 0)[0, 0].tolist() == list(range(17))
+    _, _, k_pos, key_valid = layer.view()
+    q_pos, slots = layer.policy.attention_positions(torch.full((B, 1), N), k_pos, key_valid)
+    assert slots[0, 0].tolist() == list(range(17)) and q_pos.tolist() == [[16]] * B
 
 
 def test_knorm_keeps_the_smallest_norms():
@@ -378,7 +379,7 @@ def _largest_scoring_tensor(length: int) -> int:
     positions = torch.arange(length)[None, None]
     table = FrequencyTable(base_inv_freq(D, 10000.0))
     segments = longlab.parse("rerope:window=100")[0].segments()
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         attention_mass(q, k, positions, positions, torch.ones(1, 1, length, dtype=torch.bool), segments, table, 0.25)
     return probe.largest
 

@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import longlab
-from longlab.eval import synthetic
+from longlab.bundled.train import tokenize_split, windows
+from longlab.data import synthetic
 from longlab.eval.generation import encode, generate_answers
 from longlab.eval.quick import position_losses, retrieval_accuracy
 from longlab.eval.scoring import first_integer_matches, string_match_all
-from longlab.models.train import tokenize_split, windows
 
 PATH = longlab.model_path("tiny")
 
@@ -67,7 +67,7 @@ def test_passkey_collapses_far_beyond_training_length_without_extension(tiny):
 
 
 def test_the_model_uses_its_context_on_held_out_text(tiny, tmp_path):
-    from longlab.models.corpus import build_corpus
+    from longlab.data.corpus import build_corpus
 
     model, tokenizer = tiny
     build_corpus(tmp_path)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longlab.eval import synthetic
+from longlab.bundled.train import Recipe, tokenize_split, windows
+from longlab.data import synthetic
 from longlab.eval.quick import position_losses, retrieval_accuracy
 from longlab.eval.scoring import first_integer_matches, string_match_all
-from longlab.models.train import Recipe, tokenize_split, windows
 
 TRAIN_LENGTHS = (160, 256, 384, 512)
 BEYOND_LENGTHS = (768, 1024, 2048)
@@ -125,7 +125,7 @@ this card.
 
 Each training row is either a {recipe.context}-token window of the training text ({recipe.text_fraction:.0%} of
 rows) or a row packed with generated exercises ({exercise_share:.0%}): {mix}. The exercises come from the same
-generators the evaluation uses (`longlab.eval.synthetic`): passkey lines in filler (Landmark format), RULER
+generators the evaluation uses (`longlab.data.synthetic`): passkey lines in filler (Landmark format), RULER
 single needles, dense key-value lookups, repeated number lists, variable-assignment chains and word
 counting, at lengths from {recipe.shortest_exercise} to {recipe.context} tokens with needles uniform over the window.
 
@@ -166,7 +166,7 @@ standard library: other versions change the corpus (the manifest records exactly
 
 def finish(run: Path, recipe: Recipe, samples: int = 50) -> dict:
     """Evaluate a run's final checkpoint and write eval.json, the corpus manifest and the model card into it."""
-    from longlab.models.bundled import load
+    from longlab.loading import load
 
     final = run / "final"
     model, tokenizer = load(final)

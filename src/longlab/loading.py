@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from longlab.errors import LonglabError
 
-BUNDLED = {"tiny": Path(__file__).parent / "tiny"}
+BUNDLED = {
+    "tiny": Path(__file__).parent / "bundled" / "tiny"
+}  # data files; the pipeline that made them is longlab.bundled
 
 
 def model_path(name: str = "tiny") -> Path:

@@ -11,8 +11,8 @@ import functools
 import re
 from pathlib import Path
 
+from longlab.data.synthetic import NOISE
 from longlab.errors import LonglabError
-from longlab.eval.synthetic import NOISE
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 

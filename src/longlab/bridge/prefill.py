@@ -21,12 +21,12 @@ from transformers import DynamicCache
 _ATTRIBUTE = "_longlab_chunk"
 
 
-def install(model: torch.nn.Module, chunk: int) -> None:
+def install_chunked_prefill(model: torch.nn.Module, chunk: int) -> None:
     model._longlab_chunk = chunk
     model.forward = types.MethodType(_chunked_forward, model)
 
 
-def uninstall(model: torch.nn.Module) -> None:
+def uninstall_chunked_prefill(model: torch.nn.Module) -> None:
     if getattr(model, _ATTRIBUTE, None) is not None:
         del model.forward
         del model._longlab_chunk

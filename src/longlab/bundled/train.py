@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from longlab.eval import synthetic
-from longlab.models.corpus import build_corpus, read_split
-from longlab.models.tokenizer import train_tokenizer
+from longlab.bundled.tokenizer import train_tokenizer
+from longlab.data import synthetic
+from longlab.data.corpus import build_corpus, read_split, token_stream
 
 
 @dataclass(frozen=True)
@@ -133,14 +133,6 @@ class Batches:
             for _ in range(self.recipe.batch_size)
         ]
         return torch.tensor(rows, dtype=torch.long, device="cpu")  # host-side data; train() moves it
-
-
-def token_stream(tokenizer, texts) -> np.ndarray:
-    """The documents' tokens concatenated, each followed by EOS."""
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return np.asarray(ids, dtype=np.int32)
 
 
 def tokenize_split(tokenizer: PreTrainedTokenizerFast, corpus: Path, split: str) -> np.ndarray:

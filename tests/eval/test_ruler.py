@@ -1,4 +1,4 @@
-"""RULER task prompts against RULER's exact templates (DESIGN 3.4), wording rules and value types."""
+"""RULER task prompts against RULER's exact templates (docs/evaluation.md), wording rules and value types."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 import longlab
+from longlab.data.synthetic import NOISE
 from longlab.eval import ruler
-from longlab.eval.synthetic import NOISE
 
 TOKENIZER = AutoTokenizer.from_pretrained(longlab.model_path("tiny"))
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longlab.models import train as training
-from longlab.models.corpus import documents, split_of
+from longlab.bundled import train as training
+from longlab.data.corpus import documents, split_of
 
 SMALL = training.Recipe(
     vocab_size=600, hidden_size=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate_size=64,

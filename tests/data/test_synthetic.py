@@ -1,4 +1,4 @@
-"""Synthetic task generators: exact templates (DESIGN 3.4), token budgets, determinism."""
+"""Synthetic task generators: exact templates (docs/evaluation.md), token budgets, determinism."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import longlab
-from longlab.eval import synthetic
+from longlab.data import synthetic
 from longlab.eval.scoring import first_integer_matches, string_match_all, string_match_part
 
 TOKENIZER = AutoTokenizer.from_pretrained(longlab.model_path("tiny"))

@@ -15,6 +15,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 SPLITS = ("train", "validation", "test")
 # Test suites, GUI demos, bundled wheels and generated character tables are not representative text.
 EXCLUDED_PARTS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "ensurepip", "encodings", "__pycache__"}
@@ -65,3 +67,11 @@ def build_corpus(out: Path) -> dict:
 def read_split(corpus: Path, split: str) -> list[str]:
     with (corpus / f"{split}.jsonl").open(encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
+
+
+def token_stream(tokenizer, texts) -> np.ndarray:
+    """The documents' tokens concatenated, each followed by EOS (training and held-out perplexity)."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return np.asarray(ids, dtype=np.int32)

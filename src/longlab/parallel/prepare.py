@@ -19,7 +19,7 @@ from longlab.parallel.layout import SequenceLayout, layout_for_shard
 from longlab.positions import FrequencyTable, RopeConfig
 from longlab.positions.rope import base_inv_freq
 from longlab.positions.segments import Segment
-from longlab.spec import parse
+from longlab.spec import compose
 
 DEFAULT_BASE = 10000.0
 DEFAULT_ORIGINAL_LENGTH = 4096
@@ -70,13 +70,12 @@ def prepare(
     rope = rope or default_rope(head_dim)
     if rope.head_dim != head_dim:
         raise LonglabError(f"rope.head_dim is {rope.head_dim} but q has head_dim {head_dim}")
-    methods = [m.resolve(rope) for m in parse(position)]
-    kinds = {m.kind: m for m in methods}
-    if "cache" in kinds:
-        raise LonglabError(f"{kinds['cache'].name!r} is a cache method; sequence-parallel attention takes none")
-    method = kinds.get("position") or parse("none")[0].resolve(rope)
+    methods = compose(position).resolve(rope)
+    if methods.cache is not None:
+        raise LonglabError(f"{methods.cache.name!r} is a cache method; sequence-parallel attention takes none")
+    method = methods.position.resolve(rope)
     positions = shard_layout.positions(comm.rank).to(q.device).expand(batch, -1)
-    scaling = kinds.get("scaling")
+    scaling = methods.scaling
     return ShardCall(
         comm=comm,
         layout=shard_layout,

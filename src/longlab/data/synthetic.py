@@ -1,6 +1,6 @@
 """Generators of synthetic long-context samples, shared by training and evaluation.
 
-Formats follow DESIGN 3.4 exactly (the passkey format of Landmark Attention, Mohtashami & Jaggi,
+Formats follow docs/evaluation.md exactly (the passkey format of Landmark Attention, Mohtashami & Jaggi,
 2023; RULER's needle templates, Hsieh et al., 2024). Every generator takes the model's tokenizer and
 a length in *tokens*, template and generation budget included, and a ``random.Random`` so the same
 seed gives the same prompt on any machine with the same tokenizer.

@@ -1,4 +1,4 @@
-"""Frequency tables against their papers' formulas (DESIGN 3.1), written out independently here.
+"""Frequency tables against their papers' formulas (docs/design.md), written out independently here.
 
 linear, dynamic_ntk, yarn, llama3 and longrope are also checked end to end against transformers in
 test_transformers_equivalence.py.

@@ -1,1 +1,0 @@
-"""The bridge to transformers: patching a loaded model so that longlab computes its attention."""
