@@ -343,6 +343,56 @@ def test_eval_on_cuda_without_a_gpu_says_so():
     assert resolve_device("auto") == torch.device("cpu")
 
 
+def test_cuda_index_beyond_the_gpus_is_refused(monkeypatch):
+    from longlab.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(LonglabError, match=r"device 'cuda:2' asked for, but this machine has 2 GPU\(s\): cuda:0..1"):
+        resolve_device("cuda:2")
+
+
+def test_torchrun_processes_take_one_gpu_each_and_every_nth_cell(monkeypatch):
+    from longlab.eval.runner import Ranks
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ranks = Ranks.from_environment()
+    assert (ranks.rank, ranks.world, ranks.local_rank) == (3, 4, 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ranks.device(torch.device("cuda")) == torch.device("cuda", 1)  # cuda / auto: cuda:LOCAL_RANK
+    assert ranks.device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an explicit index is kept
+    assert ranks.device(torch.device("cpu")) == torch.device("cpu")
+    assert Ranks().device(torch.device("cuda")) == torch.device("cuda")  # one process: as asked
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LonglabError, match=r"needs cuda:1, but this machine has 1 GPU"):
+        ranks.device(torch.device("cuda"))
+
+
+def test_memory_helpers_on_the_cpu():
+    from longlab.eval import memory
+
+    memory.reset_peak("cpu")
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    peak = memory.peak_bytes("cpu")
+    assert peak is None or peak >= block.numel() * 4
+    assert memory.available_bytes("cpu") > 0
+
+
+@pytest.mark.cuda
+def test_memory_helpers_on_cuda_read_the_allocator():
+    from longlab.eval import memory
+
+    device = torch.device("cuda")
+    memory.reset_peak(device)
+    before = torch.cuda.memory_allocated(device)
+    block = torch.ones(64 * 2**20 // 4, device=device)
+    assert memory.peak_bytes(device) >= before + block.numel() * 4
+    assert 0 < memory.available_bytes(device) <= torch.cuda.get_device_properties(device).total_memory
+
+
 @pytest.mark.parametrize("spec", [None, "selfextend:group=4,window=64+snapkv:budget=200"])
 def test_generation_helpers_create_no_tensor_off_the_models_device(strict_device, spec):
     from longlab.eval.generation import generate_answers, token_losses
@@ -365,7 +415,7 @@ def test_eval_on_cuda_in_bfloat16_records_device_and_memory(tmp_path):
     out = run(EvalConfig(out=str(tmp_path), methods=["yarn:factor=2"], tasks=["passkey", "ppl"], lengths=[512],
                          samples=2, device="cuda", dtype="bfloat16"))  # fmt: skip
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert rows and all(r["device"] == "cuda" and r["peak_memory_mb"] > 0 for r in rows)
+    assert rows and all(r["device"] == "cuda" and r["dtype"] == "bfloat16" and r["peak_memory_mb"] > 0 for r in rows)
     assert json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["dtype"] == "bfloat16"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -75,7 +76,8 @@ def _eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
     )
     out = run(config)
-    print(f"report: {out / 'report.md'}")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun only rank 0 writes the report
+        print(f"report: {out / 'report.md'}")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -40,6 +40,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise LonglabError(f"device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise LonglabError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use cpu or auto")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        # caught here rather than as CUDA's "invalid device ordinal" halfway through loading
+        count = torch.cuda.device_count()
+        raise LonglabError(
+            f"device {str(device)!r} asked for, but this machine has {count} GPU(s): cuda:0..{count - 1}"
+        )
     return resolved
 
 
@@ -47,7 +53,8 @@ def load(
     name_or_path: str | Path = "tiny", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` for a bundled model name or a local checkpoint folder, in eval mode, on
-    ``device`` (``"auto"``: cuda when available)."""
+    ``device``: the CPU in float32 unless asked otherwise (as before devices existed; ``"auto"``: cuda
+    when available). An unsupported device fails here with a :class:`LonglabError`."""
     target = resolve_device(device)
     path = Path(name_or_path)
     if str(name_or_path) in BUNDLED:

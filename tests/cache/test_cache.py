@@ -11,12 +11,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 import longlab
+import longlab.cache.policies  # registers every policy: the device tests take them all
 from longlab.cache.layer import LonglabLayer
-from longlab.cache.policy import ScoreContext
+from longlab.cache.policy import EvictionPolicy, ScoreContext
 from longlab.cache.quantized import QuantizedEntries, dequantize, pack4, quantize, unpack4
 from longlab.cache.scores import attention_mass
+from longlab.method import REGISTRY
 from longlab.positions import FrequencyTable
 from longlab.positions.rope import base_inv_freq
 from support.memory import LargestTensor
@@ -389,3 +392,81 @@ def test_scores_over_every_query_never_build_an_l_by_l_matrix():
     small, large = _largest_scoring_tensor(1024), _largest_scoring_tensor(4096)
     assert large < 4096 * 4096 / 16, large
     assert large <= 4 * small * 1.1
+
+
+# -- every device: nothing made off the inputs' device, the cache stays where the model is ---------
+
+# parameters for the policies that take no budget; every eviction policy keeps 40 entries per head
+_DEVICE_PARAMS = {
+    "full": "",
+    "streaming": "sinks=4,window=36",
+    "kv_int8": "residual=16",
+    "kv_int4": "residual=16,group=8",
+}
+
+
+def _device_specs() -> list[str]:
+    """Every registered cache policy (one added later joins by itself), whole and chunked prefill."""
+    specs = ["snapkv:budget=40,pooling=max", "h2o:ratio=0.5,chunk=48"]
+    for name, cls in sorted(REGISTRY.items()):
+        if getattr(cls, "kind", None) == "cache":
+            params = _DEVICE_PARAMS.get(name, "budget=40" if issubclass(cls, EvictionPolicy) else "")
+            specs += [f"{name}:{params}" if params else name, f"{name}:{params + ',' if params else ''}chunk=32"]
+    return specs
+
+
+def _stored(entries) -> list[torch.Tensor]:
+    """Every tensor a layer's store holds."""
+    if isinstance(entries, QuantizedEntries):
+        blocks = [t for block in entries.blocks for t in (*block.k, *block.v)]
+        return [*blocks, *entries.tail.values(), *_stored(entries.meta)]
+    return [*entries.fields.values(), entries.lengths]
+
+
+@pytest.mark.parametrize("spec", _device_specs())
+def test_every_cache_policy_keeps_its_cache_on_the_inputs_device(strict_device, device, spec):
+    """Prefill (whole or in chunks), eviction, quantization, decoding and cache_stats of a padded batch
+    under ``strict_device``: no tensor made off the inputs' device, every stored tensor on it, and the
+    statistics are the store's own counts."""
+    model = longlab.apply(build().to(device), spec)
+    ids = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    cache = DynamicCache()
+    with strict_device(), torch.no_grad():
+        tokens = model.generate(
+            ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
+        stats = longlab.cache_stats(cache)
+    assert tokens.shape == (2, 154) and tokens.device == ids.device
+    assert stats.seen == 153 and len(stats.layers) == len(cache.layers) == 2  # the last token is never fed back
+    for layer, layer_stats in zip(cache.layers, stats.layers, strict=True):
+        assert all(t.device == ids.device for t in _stored(layer.entries)), spec
+        assert layer_stats.tokens == layer.entries.counts().tolist()
+        assert layer_stats.bytes_held == layer.nbytes > 0
+    assert longlab.cache_stats(model) == stats  # what the model recorded after its last call
+
+
+def test_device_specs_cover_every_registered_cache_policy():
+    specs = _device_specs()
+    names = {spec.split(":")[0] for spec in specs}
+    assert names == {"adakv", "full", "h2o", "knorm", "kv_int4", "kv_int8", "pyramidkv", "random", "snapkv",
+                     "streaming", "tova", "window"}  # fmt: skip
+    assert all(any(s.startswith(name) and s.endswith("chunk=32") for s in specs) for name in names)
+
+
+def test_random_draws_one_stream_on_every_device(device):
+    """Random eviction draws from the host's generator and moves the draws: the CPU's draws stay what
+    they were, and every device evicts the same entries for the same seed."""
+    q, k, v = (x.to(device) for x in _tensors())
+    positions = torch.arange(N, device=device)[None].expand(B, N)
+    valid = torch.ones(B, N, dtype=torch.bool, device=device)
+    policy = longlab.parse("random:budget=10,seed=3")[0]
+    layer = LonglabLayer(policy)
+    layer.append(k, v, positions, valid)
+    table = FrequencyTable(base_inv_freq(D, 10000.0))
+    ctx = ScoreContext(layer, q, positions, valid, longlab.parse("none")[0].segments(), table, SCALE, 1, 2)
+    scores = policy.scores(ctx)
+    seed = 3 * 1_000_003 + 1 * 65_537 + N  # (seed, layer, tokens seen)
+    want = torch.rand((B, HK, N), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert scores.device == q.device and torch.equal(scores.cpu(), want)

@@ -38,6 +38,9 @@ def test_output_folder_has_results_summary_report_and_pictures(finished):
     generation = [r for r in rows if "score" in r]
     assert {"prompt_tokens", "expected", "predicted", "score", "latency_s", "peak_memory_mb"} <= set(generation[0])
     assert all(r["prompt_tokens"] <= r["length"] for r in generation)
+    assert all(r["device"] == "cpu" and r["dtype"] == "float32" for r in rows)  # the Python default
+    (record,) = [json.loads(line) for line in (finished / "runs.jsonl").read_text().splitlines()]
+    assert (record["device"], record["dtype"], record["rank"], record["world"]) == ("cpu", "float32", 0, 1)
     # 2 methods x (passkey 2 + niah 2 depths x 2 + ppl 2 + ruler 2 subtasks x 2) x 2 lengths
     assert len(rows) == 2 * (2 + 4 + 2 + 4) * 2
     summary = json.loads((finished / "summary.json").read_text())
@@ -96,6 +99,14 @@ def test_bad_input_fails_before_any_work(tmp_path, overrides, message):
     assert not (tmp_path / "results.jsonl").exists()
 
 
+def test_resuming_in_another_dtype_is_refused_before_any_work(tmp_path):
+    row = {"method": "none", "task": "passkey", "length": 256, "sample": 0, "dtype": "bfloat16"}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(longlab.LonglabError, match=r"measured in bfloat16; resume with --dtype bfloat16"):
+        run(EvalConfig(out=str(tmp_path), **SMALL))  # cpu: float32 by default
+    assert not (tmp_path / "runs.jsonl").exists()
+
+
 def test_lengths_parse_with_k_suffix():
     assert [runner.parse_length(x) for x in ("512", "2k", "1.5k")] == [512, 2048, 1536]
     with pytest.raises(longlab.LonglabError, match="token count"):
@@ -139,4 +150,5 @@ def test_torchrun_splits_cells_across_processes_into_the_same_summary(tmp_path):
     rows = [json.loads(line) for line in (split / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len((single / "results.jsonl").read_text().splitlines())
     assert {json.loads(line)["rank"] for line in (split / "runs.jsonl").read_text().splitlines()} == {0, 1}
+    assert {r["cell"] for r in rows} == {0, 1, 2, 3} and all(r["dtype"] == "float32" for r in rows)
     assert (split / "summary.json").read_bytes() == (single / "summary.json").read_bytes()

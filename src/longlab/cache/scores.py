@@ -44,7 +44,7 @@ def attention_mass(
     rotated = [_rotate_per_head(k_float[:, :, None], segment.key_map(k_pos), table)[:, :, 0] for segment in segments]
     for start in range(0, tq, block):
         stop = min(start + block, tq)
-        logits = torch.full((b, hk, g, stop - start, k.shape[2]), -torch.inf, device=q.device)
+        logits = torch.full((b, hk, g, stop - start, k.shape[2]), -torch.inf, dtype=torch.float32, device=q.device)
         for segment, k_rot in zip(segments, rotated, strict=True):
             allowed = segment.admits(q_pos[:, :, start:stop], k_pos) & key_valid[:, :, None, :]  # (B, Hk, bq, Tk)
             q_rot = _rotate_per_head(q_float[:, :, :, start:stop], segment.query_map(q_pos[:, :, start:stop]), table)

@@ -54,10 +54,15 @@ def cache_stats(source: Any) -> CacheStats:
     layers = [layer for layer in getattr(source, "layers", []) if isinstance(layer, LonglabLayer) and layer.entries]
     if not layers:
         raise LonglabError(f"{type(source).__name__} holds no longlab cache layers; apply longlab and run the model")
-    stats = []
-    for layer in layers:
-        counts = layer.entries.counts()
+    counts = [layer.entries.counts() for layer in layers]  # (B, H) per layer, where the cache lives
+    # one device-to-host copy of a few integers for all layers (each .tolist() would be a
+    # synchronisation of its own); layers spread over several GPUs meet on the first one's
+    flat = torch.cat([c.flatten().to(counts[0].device) for c in counts]).tolist()
+    stats, offset = [], 0
+    for layer, held in zip(layers, counts, strict=True):
+        rows, heads = held.shape
+        tokens = [flat[offset + r * heads : offset + (r + 1) * heads] for r in range(rows)]
+        offset += rows * heads
         per_token = 2 * layer.kv_heads * layer.head_dim * torch.finfo(layer.dtype).bits // 8
-        full = per_token * counts.shape[0] * layer.seen
-        stats.append(LayerStats(counts.tolist(), layer.nbytes, full))
+        stats.append(LayerStats(tokens, layer.nbytes, per_token * rows * layer.seen))
     return CacheStats(layers[0].seen, stats)

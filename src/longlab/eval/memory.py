@@ -1,5 +1,5 @@
-"""Peak memory since the last reset: the GPU's allocator on CUDA, this process's resident memory on
-the CPU (Linux /proc; None elsewhere)."""
+"""Memory by device: the peak since the last reset (the GPU's allocator on CUDA, this process's
+resident memory on the CPU via Linux /proc; None elsewhere) and what is still free for new work."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ def peak_bytes(device: torch.device | str = "cpu") -> int | None:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return _status_bytes("VmHWM")
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int:
+    """Bytes free for new work: the GPU's free memory on CUDA, MemAvailable on the CPU (unbounded where
+    /proc/meminfo is missing, so the check before work never refuses on an unknown system)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62

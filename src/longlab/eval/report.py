@@ -3,6 +3,7 @@ memory), ``report.md`` with one table per task, and the pictures it embeds."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 from collections import defaultdict
@@ -18,8 +19,11 @@ def read_results(folder: Path) -> list[dict]:
     path = Path(folder) / "results.jsonl"
     if not path.exists():
         raise LonglabError(f"{folder} has no results.jsonl; run `longlab eval --out {folder}` first")
+    with path.open() as f:
+        fcntl.flock(f, fcntl.LOCK_SH)  # never half a line another process is appending
+        text = f.read()
     rows: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             row = json.loads(line)
             rows.setdefault((row["method"], row["task"], row["length"], row["sample"]), row)  # first write wins

@@ -83,15 +83,6 @@ def _peak_memory_mb(device: torch.device) -> float | None:
     return None if peak is None else peak / 2**20
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
 def memory_estimate(model, length: int, batch: int = 1) -> int:
     """Bytes a forward pass over ``length`` tokens needs beyond the weights: the KV cache, a few
     hidden-state copies per layer, and one chunk of logits."""
@@ -105,16 +96,22 @@ def memory_estimate(model, length: int, batch: int = 1) -> int:
 
 
 class Results:
-    """``results.jsonl``: append-only; knows which cells are done."""
+    """``results.jsonl``: append-only; knows which cells are done and in which dtypes they were measured."""
 
     def __init__(self, folder: Path):
         self.path = folder / "results.jsonl"
         self.done: set[tuple] = set()
+        self.dtypes: set[str] = set()
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            with self.path.open() as f:
+                fcntl.flock(f, fcntl.LOCK_SH)  # another process may be appending a line right now
+                text = f.read()
+            for line in text.splitlines():
                 if line.strip():
                     row = json.loads(line)
                     self.done.add(self.key(row))
+                    if "dtype" in row:  # rows written before dtypes were recorded carry none
+                        self.dtypes.add(row["dtype"])
 
     @staticmethod
     def key(row: dict) -> tuple:
@@ -144,21 +141,33 @@ class Ranks:
         return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
     def device(self, device: torch.device) -> torch.device:
+        """One GPU per process (``cuda:LOCAL_RANK``) when the device is cuda without an index."""
         if self.world > 1 and device.type == "cuda" and device.index is None:
-            return torch.device("cuda", self.local_rank)  # one GPU per process
+            if self.local_rank >= torch.cuda.device_count():
+                raise LonglabError(
+                    f"process {self.rank} (LOCAL_RANK {self.local_rank}) needs cuda:{self.local_rank}, but this "
+                    f"machine has {torch.cuda.device_count()} GPU(s); start at most that many processes per node"
+                )
+            return torch.device("cuda", self.local_rank)
         return device
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """Join the process group (gloo: only a barrier, whatever the device); True if this call made it."""
         import torch.distributed as dist
 
-        if self.world > 1 and not dist.is_initialized():  # gloo: only a barrier, whatever the device
+        if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+            return True
+        return False
 
-    def wait_for_all(self) -> None:
+    def wait_for_all(self, started: bool) -> None:
+        """Wait until every process has written its cells; leave the group if :meth:`start` made it."""
         import torch.distributed as dist
 
         if self.world > 1:
             dist.barrier()
+            if started:
+                dist.destroy_process_group()
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -181,11 +190,11 @@ def _check_before_work(model, methods: list[Composition], lengths: list[int], co
                 "or pass --allow-beyond-reach to measure the breakdown"
             )
     need = memory_estimate(model, max(lengths), config.batch_size)
-    available = _available_bytes(model.device)
+    available = memory.available_bytes(model.device)  # free GPU memory on CUDA, MemAvailable on the CPU
     if need > 0.9 * available:
         raise LonglabError(
             f"length {max(lengths)} needs about {need / 2**30:.1f} GiB beyond the weights; "
-            f"this machine has {available / 2**30:.1f} GiB available"
+            f"{model.device} has {available / 2**30:.1f} GiB available"
         )
 
 
@@ -197,18 +206,25 @@ def run(config: EvalConfig) -> Path:
     methods = list(compositions)
     tasks: list[Task] = [parse_task(spec) for spec in config.tasks]
     ranks = Ranks.from_environment()
-    ranks.start()
-    device = ranks.device(resolve_device(config.device))
+    device = ranks.device(resolve_device(config.device))  # a bad device fails before anything starts
     dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
         raise LonglabError(f"dtype {dtype_name!r} is not supported; use one of {', '.join(DTYPES)}")
+    out = Path(config.out)
+    results = Results(out)
+    earlier = results.dtypes - {dtype_name}
+    if earlier:  # resuming in another precision would average two models' scores into one summary
+        raise LonglabError(
+            f"{out} holds results measured in {', '.join(sorted(earlier))}; resume with --dtype "
+            f"{sorted(earlier)[0]} or write {dtype_name} results to another --out"
+        )
+    started = ranks.start()
     model, tokenizer = load(config.model, dtype=DTYPES[dtype_name], device=device)
     model.generation_config.max_length = None
     train_length = model.config.max_position_embeddings
     lengths = config.lengths or [train_length, 2 * train_length, 4 * train_length]
     _check_before_work(model, list(compositions.values()), lengths, config)
 
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.jsonl").open("a") as f:  # every invocation's configuration, appended
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -223,7 +239,6 @@ def run(config: EvalConfig) -> Path:
             "started": time.time(),
         }
         f.write(json.dumps(record) + "\n")
-    results = Results(out)
 
     cells = []  # (method, task, subtask, length, count)
     for method in methods:
@@ -257,15 +272,18 @@ def run(config: EvalConfig) -> Path:
             if done is None:
                 break
             indices, rows = done
+            cost = _cost(began, device, len(indices))  # measured once, before any row is written
             for i, row in zip(indices, rows, strict=True):
-                row = {"kind": task.kind, **row}
-                _record(results, index, method, subtask, length, i, config.seed, began, row, device, len(indices))
+                results.append({
+                    "method": method, "task": subtask, "length": length, "sample": i, "seed": config.seed,
+                    "cell": index, "kind": task.kind, **row, **cost, "device": device.type, "dtype": dtype_name,
+                })  # fmt: skip
             cell.update(len(indices))
             overall.update(len(indices))
         cell.close()
     overall.close()
     reset(model)
-    ranks.wait_for_all()
+    ranks.wait_for_all(started)
     if ranks.rank == 0:
         write_report(out, train_length=train_length)
     return out
@@ -284,11 +302,8 @@ def _prepare_samples(cells, tokenizer, seed: int) -> dict[tuple[str, int], list[
     return prepared
 
 
-def _record(results: Results, cell, method, task, length, sample, seed, began, row: dict, device, share=1) -> None:
+def _cost(began: float, device: torch.device, share: int) -> dict:
+    """Latency per sample of a batch that began at ``began``, and the peak memory since its reset."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the latency of the work, not of its launch
-    results.append({
-        "method": method, "task": task, "length": length, "sample": sample, "seed": seed, "cell": cell, **row,
-        "latency_s": round((time.perf_counter() - began) / share, 4), "peak_memory_mb": _peak_memory_mb(device),
-        "device": device.type,
-    })  # fmt: skip
+    return {"latency_s": round((time.perf_counter() - began) / share, 4), "peak_memory_mb": _peak_memory_mb(device)}

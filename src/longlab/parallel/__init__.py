@@ -7,11 +7,13 @@
 - :func:`shard`: a context manager that makes a patched model's attention sequence-parallel.
 - :class:`SequenceLayout`: zigzag / contiguous split of a global sequence, padding, gather.
 - :func:`stats` / :func:`reset_stats`: bytes sent and attention work, measured per process.
+- :func:`distributed_backend`: the torch.distributed backend for a device (NCCL for CUDA, gloo for the CPU).
 
 Run ``torchrun --nproc-per-node N -m longlab.parallel.demo`` for a long-sequence forward/backward on
 the bundled model. See docs/parallel.md.
 """
 
+from longlab.parallel.comm import distributed_backend
 from longlab.parallel.layout import LAYOUTS, SequenceLayout
 from longlab.parallel.ring import ring_attention, ring_segmented_attention
 from longlab.parallel.shard import MODES, SequenceParallel, shard
@@ -25,6 +27,7 @@ __all__ = [
     "SequenceParallel",
     "Stats",
     "count_pairs",
+    "distributed_backend",
     "reset_stats",
     "ring_attention",
     "ring_segmented_attention",

@@ -20,6 +20,22 @@ from longlab.parallel.stats import stats
 # Message tags: the K/V ring and the dK/dV ring are in flight between the same two peers at once.
 KV_TAG, DKV_TAG = 17, 18
 
+# The device whose tensors each backend moves for the operations used here: gloo's all-gather,
+# all-to-all and point-to-point take CPU tensors only, NCCL takes CUDA tensors only.
+_BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
+
+
+def distributed_backend(device: torch.device | str) -> str:
+    """The torch.distributed backend for tensors on ``device``: ``nccl`` for CUDA, ``gloo`` for the CPU."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        if not dist.is_nccl_available():
+            raise LonglabError("sequence parallelism on CUDA needs NCCL, which this PyTorch build lacks")
+        return "nccl"
+    if device_type == "cpu":
+        return "gloo"
+    raise LonglabError(f"sequence parallelism runs on cpu (gloo) or cuda (nccl); got tensors on {device_type!r}")
+
 
 @dataclass(frozen=True)
 class Group:
@@ -37,6 +53,18 @@ class Group:
                 "torch.distributed.init_process_group('gloo' or 'nccl') first, or launch with torchrun"
             )
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    def check_device(self, device: torch.device) -> None:
+        """Fail before any message, naming the fix, when the group's backend cannot move tensors on
+        ``device`` (a group with one backend per device, "cpu:gloo,cuda:nccl", takes both)."""
+        backend = str(dist.get_backend(self.group))
+        wanted = _BACKEND_DEVICE.get(backend)
+        if wanted is not None and device.type != wanted:
+            raise LonglabError(
+                f"the process group's backend is {backend}, which moves {wanted} tensors only, but these are on "
+                f"{device}: init_process_group('nccl') for CUDA tensors, 'gloo' for CPU ones "
+                "(longlab.parallel.distributed_backend(device) picks it)"
+            )
 
     @property
     def next(self) -> int:

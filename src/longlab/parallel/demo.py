@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from longlab.bridge import apply
 from longlab.loading import load
+from longlab.parallel.comm import distributed_backend
 from longlab.parallel.shard import MODES, shard
 from longlab.parallel.stats import reset_stats, stats
 
@@ -95,14 +96,25 @@ def _attention_bytes(counters: dict) -> int:
     return sum(v for k, v in counters["bytes_sent"].items() if k in ("kv", "dkv", "all_to_all"))
 
 
-def _init(device: str) -> tuple[int, int]:
+def _device(kind: str) -> torch.device:
+    """This rank's device: the CPU, or the GPU torchrun assigns it (LOCAL_RANK)."""
+    if kind == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _init(device: torch.device) -> tuple[int, int]:
+    """Join the process group with the backend for this device (NCCL for CUDA, gloo for the CPU)."""
+    backend = distributed_backend(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts: each rank's communicator on its own GPU
     if "RANK" in os.environ:  # torchrun
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group(backend)
     else:  # one process, same code path
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -119,22 +131,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="rank 0 writes every rank's numbers here")
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu",
-        help="cuda: NCCL and one GPU per rank (needs a kernel with a GPU path; the current one calls the CPU flash op)",
+        help="cpu: gloo; cuda: NCCL and one GPU per rank (torchrun's LOCAL_RANK)",
     )  # fmt: skip
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    rank, world = _init(args.device)
-    device = torch.device("cpu")
-    if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = _device(args.device)
+    rank, world = _init(device)
     model, _ = load(args.model, dtype=torch.float32)
     model.to(device).train()
     apply(model, args.spec)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, model.config.vocab_size, (args.batch, args.length), generator=generator).to(device)
+    # drawn on the host, then moved: the same ids on every rank and every device
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    shape = (args.batch, args.length)
+    ids = torch.randint(2, model.config.vocab_size, shape, generator=generator, device="cpu").to(device)
 
     times, losses = [], []
     with shard(model, layout=args.layout, mode=args.mode) as sp:

@@ -112,6 +112,7 @@ class SequenceLayout:
         comm = Group.resolve(group)
         if comm.world != self.world:
             raise LonglabError(f"layout is for {self.world} ranks but the process group has {comm.world}")
+        comm.check_device(local.device)
         parts = comm.all_gather(local.detach(), kind="gather")
         return self.assemble(parts, dim)
 

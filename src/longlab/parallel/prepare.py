@@ -6,6 +6,7 @@ the *global* real length (dynamic methods depend on it), never from the shard's 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -67,13 +68,21 @@ def prepare(
     comm = Group.resolve(group)
     shard_layout = layout_for_shard(layout, comm.world, q.shape[2], length)
     batch, head_dim = q.shape[0], q.shape[-1]
-    rope = rope or default_rope(head_dim)
-    if rope.head_dim != head_dim:
-        raise LonglabError(f"rope.head_dim is {rope.head_dim} but q has head_dim {head_dim}")
-    methods = compose(position).resolve(rope)
-    if methods.cache is not None:
-        raise LonglabError(f"{methods.cache.name!r} is a cache method; sequence-parallel attention takes none")
-    method = methods.position.resolve(rope)
+    # The methods' formulas run on the host, on small tensors (as Patch.table does); only the table's
+    # frequencies go to q's device, once per call rather than at every rotation.
+    with torch.device("cpu"):
+        if rope is None:
+            rope = default_rope(head_dim)
+        else:  # RoPE constants read from a model on a GPU: the formulas want them on the host too
+            rope = dataclasses.replace(rope, native_inv_freq=rope.native_inv_freq.cpu())
+        if rope.head_dim != head_dim:
+            raise LonglabError(f"rope.head_dim is {rope.head_dim} but q has head_dim {head_dim}")
+        methods = compose(position).resolve(rope)
+        if methods.cache is not None:
+            raise LonglabError(f"{methods.cache.name!r} is a cache method; sequence-parallel attention takes none")
+        method = methods.position.resolve(rope)
+        # The single-process table is built for max position + 1 = the real global length.
+        table = method.table(rope, shard_layout.length)
     positions = shard_layout.positions(comm.rank).to(q.device).expand(batch, -1)
     scaling = methods.scaling
     return ShardCall(
@@ -81,8 +90,7 @@ def prepare(
         layout=shard_layout,
         positions=positions,
         segments=tuple(method.segments()),
-        # The single-process table is built for max position + 1 = the real global length.
-        table=method.table(rope, shard_layout.length),
+        table=dataclasses.replace(table, inv_freq=table.inv_freq.to(q.device)),
         scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
         query_scale=scaling.query_scale(positions) if scaling is not None else None,
     )

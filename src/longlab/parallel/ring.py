@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from longlab.attention.kernel import BLOCK_SIZE, accumulator_dtype, partial_backward, partial_forward, plan
+from longlab.attention.backends import Backend, backend_for
+from longlab.attention.kernel import accumulator_dtype, check_same_device, partial_backward, partial_forward, plan
 from longlab.attention.merge import merge_into
 from longlab.errors import LonglabError
 from longlab.method import Method
@@ -61,11 +62,12 @@ def gather_key_positions(
     return blocks
 
 
-def _plan(q_pos, block: Block, segments, block_size, own: bool):
+def _plan(q_pos, block: Block, segments, block_size, own: bool, backend: Backend):
     # The own block may use the kernel's default (one causal call for plain attention); any other
-    # block is planned in fixed blocks so that an off-diagonal block never needs a (Tq x Tk) mask.
-    size = block_size if block_size is not None or own else BLOCK_SIZE
-    return plan(q_pos, block[0], block[1], segments, size)
+    # block is planned in fixed blocks of the backend's size (small on a CPU, large on a GPU) so
+    # that an off-diagonal block never needs a (Tq x Tk) mask.
+    size = block_size if block_size is not None or own else backend.block_size
+    return plan(q_pos, block[0], block[1], segments, size, backend)
 
 
 class RingAttention(torch.autograd.Function):
@@ -73,6 +75,7 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_pos, blocks, segments, table, scale, comm, block_size):
         world, rank = comm.world, comm.rank
         heads_batch = q.shape[0] * q.shape[1]
+        backend = backend_for(q.device, q.dtype, q.shape[-1])
         acc = lse = None
         layouts = []
         buffer, kb, vb = (pack(k, v) if world > 1 else None), k, v
@@ -80,14 +83,16 @@ class RingAttention(torch.autograd.Function):
             # Post the next hop before computing on this block: transfer overlaps compute.
             pending = comm.ring_exchange(buffer, KV_TAG, "kv") if step + 1 < world else None
             owner = (rank - step) % world
-            layout = _plan(q_pos, blocks[owner], segments, block_size, owner == rank)
+            layout = _plan(q_pos, blocks[owner], segments, block_size, owner == rank, backend)
             pairs = count_pairs(layout, segments)
             layouts.append((layout, pairs))
             if pairs:
                 stats().add_forward(heads_batch * pairs, q.shape[-1])
                 k_pos_b, valid_b = blocks[owner]
                 started = time.thread_time()
-                out, piece_lse = partial_forward(q, kb, vb, q_pos, k_pos_b, valid_b, segments, table, scale, layout)
+                out, piece_lse = partial_forward(
+                    q, kb, vb, q_pos, k_pos_b, valid_b, segments, table, scale, layout, backend
+                )
                 if acc is None:
                     acc, lse = out, piece_lse
                 else:
@@ -103,13 +108,13 @@ class RingAttention(torch.autograd.Function):
         out = acc.to(q.dtype)
         stats().calls += 1
         ctx.save_for_backward(q, k, v, q_pos, out, lse)
-        ctx.plan = (blocks, segments, table, scale, comm, layouts)
+        ctx.plan = (blocks, segments, table, scale, comm, layouts, backend)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, q_pos, out, lse = ctx.saved_tensors
-        blocks, segments, table, scale, comm, layouts = ctx.plan
+        blocks, segments, table, scale, comm, layouts, backend = ctx.plan
         world, rank = comm.world, comm.rank
         heads_batch = q.shape[0] * q.shape[1]
         dq = None
@@ -125,7 +130,7 @@ class RingAttention(torch.autograd.Function):
                 stats().add_backward(heads_batch * pairs, q.shape[-1])
                 started = time.thread_time()
                 dq_b, dk_b, dv_b = partial_backward(
-                    grad_out, q, kb, vb, q_pos, k_pos_b, valid_b, segments, table, scale, layout, out, lse
+                    grad_out, q, kb, vb, q_pos, k_pos_b, valid_b, segments, table, scale, layout, out, lse, backend
                 )
                 stats().backward_cpu_s += time.thread_time() - started
                 dq = dq_b if dq is None else dq.add_(dq_b)
@@ -169,6 +174,9 @@ def ring_segmented_attention(
     global sequence.
     """
     comm = Group.resolve(group)
+    # before any message: a rank failing later, mid-ring, would leave its peers waiting
+    check_same_device(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid)
+    comm.check_device(q.device)
     batch = q.shape[0]
     q_pos, k_pos = q_pos.expand(batch, q.shape[2]), k_pos.expand(batch, k.shape[2])
     if key_valid is not None:

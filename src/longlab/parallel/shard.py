@@ -104,10 +104,10 @@ class SequenceParallel:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Global mean cross-entropy; its value is the same on every rank, its gradient this rank's share."""
+        labels = labels.to(logits.device)  # the count below joins the loss in one message: one device
         local_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten().to(logits.device), ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )  # fmt: skip
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         count = (labels != IGNORE_INDEX).sum().to(local_sum.dtype)
         totals = self.comm.all_reduce(torch.stack((local_sum.detach(), count)), kind="loss")
         if totals[1] == 0:

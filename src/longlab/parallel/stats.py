@@ -98,8 +98,13 @@ def reset_stats() -> None:
 
 def count_pairs(layout: Layout, segments: Sequence[Segment]) -> int:
     """Query-key pairs one (batch row, head) of a kernel call with this layout computes (see module doc)."""
-    heights = torch.tensor([b - a for a, b in (layout.block(i) for i in range(layout.n_blocks))], dtype=torch.int64)
-    widths = torch.tensor([b - a for a, b in (layout.tile(j) for j in range(layout.n_tiles))], dtype=torch.int64)
+    # host-side, like the plan's modes it is combined with (attention/plan.py): bookkeeping, no data
+    heights = torch.tensor(
+        [b - a for a, b in (layout.block(i) for i in range(layout.n_blocks))], dtype=torch.int64, device="cpu"
+    )
+    widths = torch.tensor(
+        [b - a for a, b in (layout.tile(j) for j in range(layout.n_tiles))], dtype=torch.int64, device="cpu"
+    )
     total = 0
     for segment in segments:
         modes = classify(layout, segment)

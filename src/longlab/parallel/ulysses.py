@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from longlab.attention.kernel import SegmentedAttention, plan
+from longlab.attention.backends import backend_for
+from longlab.attention.kernel import SegmentedAttention, check_same_device, plan
 from longlab.errors import LonglabError
 from longlab.method import Method
 from longlab.parallel.comm import Group
@@ -112,6 +113,9 @@ def ulysses_segmented_attention(
     tokens), with global positions. Every rank must hold the same number of tokens.
     """
     comm = Group.resolve(group)
+    # before any message: a rank failing later, mid-exchange, would leave its peers waiting
+    check_same_device(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid)
+    comm.check_device(q.device)
     batch, heads, length, _ = q.shape
     check_heads(heads, k.shape[1], comm.world)
     if k.shape[2] != length:
@@ -143,12 +147,15 @@ def ulysses_segmented_attention(
     qh, kh, vh = SeqToHeads.apply(comm, q, k, v)
     if not identity:
         qh, kh, vh = (x.index_select(2, order) for x in (qh, kh, vh))
-    layout = plan(q_all, k_all, key_valid_all, segments, block_size)
+    backend = backend_for(qh.device, qh.dtype, qh.shape[-1])
+    layout = plan(q_all, k_all, key_valid_all, segments, block_size, backend)
     pairs = count_pairs(layout, segments)
     work = (batch * qh.shape[1] * pairs, q.shape[-1])
     stats().add_forward(*work)
     stats().calls += 1
-    out = _CountedAttention.apply(qh, kh, vh, q_all, k_all, key_valid_all, tuple(segments), table, scale, layout, work)
+    out = _CountedAttention.apply(
+        qh, kh, vh, q_all, k_all, key_valid_all, tuple(segments), table, scale, layout, backend, work
+    )
     if not identity:
         out = out.index_select(2, torch.argsort(order))
     return HeadsToSeq.apply(comm, out)
@@ -158,10 +165,10 @@ class _CountedAttention(torch.autograd.Function):
     """The kernel's autograd Function, also recording its backward work in :func:`stats`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout, work):
+    def forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout, backend, work):
         ctx.work = work
         started = time.thread_time()
-        out = SegmentedAttention.forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout)
+        out = SegmentedAttention.forward(ctx, q, k, v, q_pos, k_pos, key_valid, segments, table, scale, layout, backend)
         stats().forward_cpu_s += time.thread_time() - started
         return out
 

@@ -24,7 +24,9 @@ class Random(EvictionPolicy):
         check_range(self.name, "seed", self.seed, low=0, integer=True)
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx * 65_537 + ctx.layer.seen)
-        # drawn on the CPU's generator, then moved: the same seed evicts the same entries on every device
+        # Drawn on the host on purpose, then moved: a CUDA generator draws another stream from the same
+        # seed, and the same seed must evict the same entries on every device (tests/cache/test_cache.py).
+        seed = self.seed * 1_000_003 + ctx.layer_idx * 65_537 + ctx.layer.seen
+        generator = torch.Generator(device="cpu").manual_seed(seed)
         draws = torch.rand(ctx.valid.shape, generator=generator, dtype=torch.float64, device="cpu")
         return draws.to(ctx.valid.device)
