@@ -33,8 +33,12 @@ class _Newline(StoppingCriteria):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int) -> list[str]:
-    """Greedy answers (first line) for prompts of any lengths, left-padded into one batch."""
+def generate_answers(
+    model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, first_line: bool = True
+) -> list[str]:
+    """Greedy answers for prompts of any lengths, left-padded into one batch: the first line (generation
+    stops once every row has a newline), or with ``first_line=False`` the whole generation up to the
+    budget or the end-of-sequence token, for tasks whose scoring reads past the first line."""
     width = max(p.shape[1] for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=model.device)
@@ -44,9 +48,11 @@ def generate_answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: 
         mask[row, width - prompt.shape[1] :] = 1
     out = model.generate(
         ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList([_Newline(tokenizer, width)]),
+        eos_token_id=tokenizer.eos_token_id,
+        stopping_criteria=StoppingCriteriaList([_Newline(tokenizer, width)] if first_line else []),
     )  # fmt: skip
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).split("\n")[0] for row in out]
+    answers = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return [answer.split("\n")[0] for answer in answers] if first_line else answers
 
 
 @torch.no_grad()
