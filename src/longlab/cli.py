@@ -59,13 +59,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from longlab.eval.runner import DEFAULT_METHODS, DEFAULT_TASKS, EvalConfig, parse_length, run
+    from longlab.eval.runner import DEFAULT_METHODS, DEFAULT_TASKS, EvalConfig, parse_lengths, run
 
     config = EvalConfig(
         model=args.model,
         methods=args.method or list(DEFAULT_METHODS),
         tasks=args.task or list(DEFAULT_TASKS),
-        lengths=[parse_length(x) for x in args.lengths.split(",")] if args.lengths else None,
+        lengths=parse_lengths(args.lengths) if args.lengths is not None else None,
         samples=args.samples,
         seed=args.seed,
         out=args.out,
@@ -156,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LonglabError as error:
         print(f"longlab: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = " rerun the same command to resume" if args.command in ("eval", "train") else ""
+        print(f"\nlonglab: interrupted;{resume}" if resume else "\nlonglab: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

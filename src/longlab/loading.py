@@ -28,6 +28,48 @@ def model_path(name: str = "tiny") -> Path:
     return path
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")  # any one
+
+
+def weight_files(path: Path) -> list[Path]:
+    """A checkpoint folder's weight files (safetensors or PyTorch), sorted by name."""
+    return sorted({f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern) if f.is_file()})
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The files a tokenizer is read from (vocabulary, merges, configuration, chat templates)."""
+    names = {*TOKENIZER_FILES, "tokenizer_config.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+             "chat_template.json", "chat_template.jinja"}  # fmt: skip
+    found = [path / n for n in names if (path / n).is_file()]
+    found += [f for f in (path / "additional_chat_templates").glob("*.jinja") if f.is_file()]
+    return sorted(found)
+
+
+def checkpoint(name_or_path: str | Path) -> Path:
+    """The folder of a bundled model name or a local checkpoint, checked before anything is loaded:
+    it exists and holds config.json, weights and a tokenizer; else a :class:`LonglabError` that says
+    what is missing."""
+    if str(name_or_path) in BUNDLED:
+        return model_path(str(name_or_path))
+    path = Path(name_or_path)
+    if not path.exists():
+        raise LonglabError(
+            f"model {str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED)}) nor an existing folder"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise LonglabError(f"model {str(name_or_path)!r} is not a checkpoint folder: it has no config.json")
+    if not weight_files(path):
+        raise LonglabError(
+            f"model folder {str(name_or_path)!r} has config.json but no weights (*.safetensors or *.bin)"
+        )
+    if not any((path / n).is_file() for n in TOKENIZER_FILES):
+        raise LonglabError(
+            f"model folder {str(name_or_path)!r} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)"
+        )
+    return path
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto``: cuda when a GPU is there, else cpu. Other devices than cpu and cuda are refused."""
     if device is None or str(device) == "auto":
@@ -56,12 +98,6 @@ def load(
     ``device``: the CPU in float32 unless asked otherwise (as before devices existed; ``"auto"``: cuda
     when available). An unsupported device fails here with a :class:`LonglabError`."""
     target = resolve_device(device)
-    path = Path(name_or_path)
-    if str(name_or_path) in BUNDLED:
-        path = model_path(str(name_or_path))
-    elif not (path / "config.json").exists():
-        raise LonglabError(
-            f"{str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a folder with config.json"
-        )
+    path = checkpoint(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(target).eval()
     return model, AutoTokenizer.from_pretrained(path)

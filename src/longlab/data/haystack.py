@@ -25,16 +25,26 @@ def prose_sentences(folder: str | None = None) -> tuple[str, ...]:
 
         texts = [topics[key] for key in sorted(topics)]
     else:
-        paths = sorted(Path(folder).glob("*.txt"))
-        if not paths:
-            raise LonglabError(f"--haystack {folder!r} holds no .txt files")
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+        check_folder(folder)
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(Path(folder).glob("*.txt"))]
     sentences = []
     for text in texts:
         for sentence in _SENTENCE_END.split(" ".join(text.split())):
             if len(sentence) > 20 and sentence[0].isalpha():
                 sentences.append(sentence)
+    if not sentences:
+        raise LonglabError(f"haystack folder {folder!r} holds no sentence to build a haystack from (its .txt files "
+                           "are empty or hold no sentence of over 20 characters starting with a letter)")  # fmt: skip
     return tuple(sentences)
+
+
+def check_folder(folder: str) -> None:
+    """A haystack folder exists and holds .txt files; else a clear error."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise LonglabError(f"haystack {folder!r} must be a folder of .txt files; it is not a folder")
+    if not any(p.is_file() for p in path.glob("*.txt")):
+        raise LonglabError(f"haystack folder {folder!r} holds no .txt files")
 
 
 def filler(kind: str, n: int, start: int = 0, folder: str | None = None) -> list[str]:

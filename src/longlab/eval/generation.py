@@ -3,6 +3,8 @@ per-token losses computed without materialising the full logits, and held-out pe
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -12,12 +14,22 @@ from longlab.errors import LonglabError
 POSITION_BUCKETS = 64
 
 
+def check_chat_template(tokenizer) -> None:
+    """Fail before any work when ``--chat`` is asked of a tokenizer that has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise LonglabError(f"--chat asks for a chat template, but the tokenizer of {name} has none; drop --chat")
+
+
 def encode(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
     """(1, T) token ids of a prompt, optionally wrapped in the tokenizer's chat template."""
     if chat:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-        )
+        check_chat_template(tokenizer)
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )  # transformers 5 returns a BatchEncoding whatever is asked; ask for it in every version
+        ids = encoded["input_ids"] if not isinstance(encoded, torch.Tensor) else encoded
+        return torch.as_tensor(ids).reshape(1, -1)
     return tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
 
@@ -74,12 +86,23 @@ def held_out_tokens(tokenizer) -> np.ndarray:
     return token_stream(tokenizer, (text for name, text in documents() if split_of(name) == "test"))
 
 
-def perplexity_sample(model, tokens: np.ndarray, length: int, index: int, count: int, stride_fraction: float) -> dict:
+def span_start(total: int, length: int, index: int, seed: int) -> int:
+    """Where sample ``index``'s span of ``2 * length`` tokens begins in ``total`` held-out tokens: a
+    function of (seed, length, index) alone -- never of how many samples are asked -- so a run resumed
+    with more samples measures the spans a fresh run with that count measures. Consecutive samples
+    take consecutive spans from a seeded offset, wrapping around the text."""
+    span = 2 * length
+    room = total - span + 1  # possible starts
+    offset = random.Random(f"ppl/{seed}/{length}").randrange(room)
+    return (offset + index * span) % room
+
+
+def perplexity_sample(model, tokens: np.ndarray, length: int, index: int, seed: int, stride_fraction: float) -> dict:
     """Whole-window and sliding-window losses of one held-out span, and the bucketed position curve."""
     span = 2 * length
-    if len(tokens) < span + count:
-        raise LonglabError(f"held-out text has {len(tokens)} tokens; ppl at length {length} needs {span + count}")
-    start = index * (len(tokens) - span) // max(count, 1)
+    if len(tokens) < span:
+        raise LonglabError(f"held-out text has {len(tokens)} tokens; ppl at length {length} needs {span}")
+    start = span_start(len(tokens), length, index, seed)
     text = torch.from_numpy(tokens[start : start + span]).long()[None].to(model.device)
     whole = token_losses(model, text[:, :length])
     stride = max(1, int(length * stride_fraction))

@@ -1,18 +1,23 @@
 """The evaluation runner: methods x tasks x lengths x samples, one JSON line per sample.
 
 Results are appended to ``results.jsonl`` as each sample finishes (flushed and synced), so an
-interrupted run loses at most the sample in flight; rerunning with the same ``--out`` skips every
-(method, task, length, sample) already there. Reports are rebuilt from the results alone.
+interrupted run loses at most the sample in flight. Every row carries the fingerprint of what
+produced it (model, tokenizer, dtype, seed, chat template, longlab version, method, task with its
+parameters, length; see :mod:`longlab.eval.results`): rerunning with the same ``--out`` skips every
+sample whose fingerprint is there, and a folder holding another configuration is refused. One
+``longlab eval`` holds a folder at a time (``.longlab.lock``). Reports are rebuilt from the results alone.
 
 Under ``torchrun --nproc-per-node N -m longlab.cli eval ...`` the cells (method, task, length) are
-dealt round-robin to the N processes, each on its own GPU (``cuda:LOCAL_RANK``) or the CPU; they
-append to the same ``results.jsonl`` under an exclusive file lock, wait for each other at a gloo
-barrier, and rank 0 writes the report. Each row carries its cell's index, and reports order rows by
-it, so the summary is the one a single process writes.
+dealt round-robin to the N processes, each on its own GPU (``cuda:LOCAL_RANK``) or the CPU; rank 0
+holds the folder's lock for all of them; they append to the same ``results.jsonl`` under an
+exclusive file lock, wait for each other at a gloo barrier, and rank 0 writes the report. Each row
+carries its cell's index, and reports order rows by it, so the summary is the one a single process
+writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -28,8 +33,10 @@ from longlab.bridge import apply, reset
 from longlab.data.synthetic import Sample
 from longlab.errors import LonglabError
 from longlab.eval import memory
+from longlab.eval.generation import check_chat_template
+from longlab.eval.results import FolderLock, Identity, Results, prepare_folder, repair
 from longlab.eval.tasks import CellContext, HeldOut, Task, parse_task
-from longlab.loading import load, resolve_device
+from longlab.loading import checkpoint, load, resolve_device
 from longlab.positions import RopeConfig
 from longlab.spec import Composition, compose
 
@@ -61,6 +68,14 @@ class EvalConfig:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'512,1k,2k' -> [512, 1024, 2048]; an empty list or item is an error."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or not all(items):
+        raise LonglabError(f"--lengths must be comma-separated token counts like 512,1k,2k, got {text!r}")
+    return [parse_length(item) for item in items]
 
 
 def parse_length(text: str) -> int:
@@ -95,38 +110,6 @@ def memory_estimate(model, length: int, batch: int = 1) -> int:
     return kv + activations + logits
 
 
-class Results:
-    """``results.jsonl``: append-only; knows which cells are done and in which dtypes they were measured."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / "results.jsonl"
-        self.done: set[tuple] = set()
-        self.dtypes: set[str] = set()
-        if self.path.exists():
-            with self.path.open() as f:
-                fcntl.flock(f, fcntl.LOCK_SH)  # another process may be appending a line right now
-                text = f.read()
-            for line in text.splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.done.add(self.key(row))
-                    if "dtype" in row:  # rows written before dtypes were recorded carry none
-                        self.dtypes.add(row["dtype"])
-
-    @staticmethod
-    def key(row: dict) -> tuple:
-        return row["method"], row["task"], row["length"], row["sample"]
-
-    def append(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # other processes of a torchrun evaluation append too
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            fcntl.flock(f, fcntl.LOCK_UN)
-        self.done.add(self.key(row))
-
-
 @dataclass(frozen=True)
 class Ranks:
     """This process's share of a multi-process evaluation (torchrun's environment; 1 process without)."""
@@ -159,6 +142,16 @@ class Ranks:
             dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
             return True
         return False
+
+    def agree(self, ok: bool) -> bool:
+        """True on every process when ``ok`` is true on every process (one process: ``ok``)."""
+        import torch.distributed as dist
+
+        if self.world == 1 or not dist.is_initialized():
+            return ok
+        flag = torch.tensor([1 if ok else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def wait_for_all(self, started: bool) -> None:
         """Wait until every process has written its cells; leave the group if :meth:`start` made it."""
@@ -198,73 +191,133 @@ def _check_before_work(model, methods: list[Composition], lengths: list[int], co
         )
 
 
+def _validate(config: EvalConfig) -> None:
+    """Numbers the command line takes as given: each a clear error, before anything starts."""
+    if config.samples is not None and config.samples < 1:
+        raise LonglabError(f"--samples must be a positive number of samples per cell, got {config.samples}")
+    if config.batch_size < 1:
+        raise LonglabError(f"--batch-size must be a positive number of samples per generate() call, "
+                           f"got {config.batch_size}")  # fmt: skip
+    if config.lengths is not None and not config.lengths:
+        raise LonglabError("--lengths names no length; give token counts like 512,1k,2k")
+    if not config.methods:
+        raise LonglabError("no method to run; give at least one --method (e.g. --method none)")
+    if not config.tasks:
+        raise LonglabError("no task to run; give at least one --task (e.g. --task passkey)")
+
+
+def _tasks(specs: list[str]) -> list[Task]:
+    """Parsed tasks, each spec once (the same task given twice with the same parameters runs once)."""
+    return list({task.spec(): task for task in map(parse_task, specs)}.values())
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, task, length) cell: its subtask as the task names it, its label in the results
+    (``passkey[digits=7]``, ``ruler/vt``) and its fingerprint."""
+
+    method: str
+    task: Task
+    subtask: str
+    label: str
+    length: int
+    count: int
+    fingerprint: str
+
+
 def run(config: EvalConfig) -> Path:
     """Run the matrix, appending to ``{out}/results.jsonl``, then write the report; returns ``out``."""
-    from longlab.eval.report import write_report
-
+    _validate(config)
     compositions = {str(c): c for c in map(compose, config.methods)}  # each spec parsed once, here
     methods = list(compositions)
-    tasks: list[Task] = [parse_task(spec) for spec in config.tasks]
+    tasks = _tasks(config.tasks)
+    lengths = list(dict.fromkeys(config.lengths)) if config.lengths else None
     ranks = Ranks.from_environment()
     device = ranks.device(resolve_device(config.device))  # a bad device fails before anything starts
     dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
         raise LonglabError(f"dtype {dtype_name!r} is not supported; use one of {', '.join(DTYPES)}")
-    out = Path(config.out)
-    results = Results(out)
-    earlier = results.dtypes - {dtype_name}
-    if earlier:  # resuming in another precision would average two models' scores into one summary
-        raise LonglabError(
-            f"{out} holds results measured in {', '.join(sorted(earlier))}; resume with --dtype "
-            f"{sorted(earlier)[0]} or write {dtype_name} results to another --out"
-        )
+    folder = checkpoint(config.model)  # a missing model, weights or tokenizer fails here, before any work
+    identity = Identity.of(config.model, folder, dtype_name, config.seed, config.chat)
+    out = prepare_folder(config.out)
     started = ranks.start()
+    with contextlib.ExitStack() as stack:
+        error = None
+        if ranks.rank == 0:  # one lock for all the processes of a torchrun evaluation
+            try:
+                stack.enter_context(FolderLock(out))
+                repair(out)
+            except LonglabError as failed:
+                error = failed
+        if not ranks.agree(error is None):
+            raise error or LonglabError(f"rank 0 could not take the lock of {out}")
+        results = Results(out, identity, quiet=ranks.rank != 0)
+        train_length = _run(config, compositions, methods, tasks, lengths, ranks, device, dtype_name, out, results)
+        ranks.wait_for_all(started)
+        if ranks.rank == 0:
+            from longlab.eval.report import write_report
+
+            write_report(out, train_length=train_length)
+    return out
+
+
+def _run(config, compositions, methods, tasks, lengths, ranks, device, dtype_name, out, results) -> int:
+    """The work under the folder's lock: load, check, prepare every prompt, measure; returns L_train."""
     model, tokenizer = load(config.model, dtype=DTYPES[dtype_name], device=device)
+    if config.chat:
+        check_chat_template(tokenizer)
     model.generation_config.max_length = None
     train_length = model.config.max_position_embeddings
-    lengths = config.lengths or [train_length, 2 * train_length, 4 * train_length]
+    lengths = lengths or [train_length, 2 * train_length, 4 * train_length]
     _check_before_work(model, list(compositions.values()), lengths, config)
 
-    out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.jsonl").open("a") as f:  # every invocation's configuration, appended
         fcntl.flock(f, fcntl.LOCK_EX)
         record = {
             "rank": ranks.rank,
             "world": ranks.world,
             **config.__dict__,
+            "tasks": [task.spec() for task in tasks],
             "device": str(device),
             "dtype": dtype_name,
             "lengths": lengths,
             "train_length": train_length,
+            **{f"identity_{k}": v for k, v in results.identity.fields().items()},
             "started": time.time(),
         }
         f.write(json.dumps(record) + "\n")
 
-    cells = []  # (method, task, subtask, length, count)
+    cells: dict[tuple, Cell] = {}  # one cell per (method, label, length), however often a task is named
     for method in methods:
         for task in tasks:
             count = config.samples or task.default_samples
             for subtask in task.subtasks():
-                cells += [(method, task, subtask, length, count) for length in lengths]
+                for length in lengths:
+                    fingerprint = results.fingerprint(method, task.identity() + subtask[len(task.name) :], length)
+                    cell = Cell(method, task, subtask, task.labelled(subtask), length, count, fingerprint)
+                    cells.setdefault((method, cell.label, length), cell)
     held_out = HeldOut(tokenizer)
 
-    prepared = _prepare_samples(cells, tokenizer, config.seed)  # every prompt is built before any work
-    mine = [(index, cell) for index, cell in enumerate(cells) if index % ranks.world == ranks.rank]
-    total = sum(task.cell_size(count) for _, (_, task, _, _, count) in mine)
+    # every prompt is built before any work
+    prepared = _prepare_samples(list(cells.values()), tokenizer, config.seed, show=ranks.rank == 0)
+    mine = [(index, cell) for index, cell in enumerate(cells.values()) if index % ranks.world == ranks.rank]
+    total = sum(cell.task.cell_size(cell.count) for _, cell in mine)
     overall = tqdm(total=total, desc="eval" if ranks.world == 1 else f"eval rank {ranks.rank}", unit="sample")
     applied = None
-    for index, (method, task, subtask, length, count) in mine:
-        todo = [i for i in range(task.cell_size(count)) if (method, subtask, length, i) not in results.done]
-        overall.update(task.cell_size(count) - len(todo))
+    for index, cell in mine:
+        size = cell.task.cell_size(cell.count)
+        todo = [i for i in range(size) if not results.is_done(cell.fingerprint, i)]
+        overall.update(size - len(todo))
         if not todo:
             continue
-        if applied != method:
-            apply(model, compositions[method])
-            applied = method
-        cell = tqdm(total=len(todo), desc=f"{method} | {subtask} | {length}", unit="sample", leave=False)
-        context = CellContext(model, tokenizer, subtask, length, count, prepared.get((subtask, length)), config.chat,
-                              config.batch_size, held_out)  # fmt: skip
-        batches = task.measure(context, todo)
+        if applied != cell.method:
+            apply(model, compositions[cell.method])
+            applied = cell.method
+        bar = tqdm(total=len(todo), desc=f"{cell.method} | {cell.label} | {cell.length}", unit="sample", leave=False)
+        context = CellContext(model, tokenizer, cell.subtask, cell.length, cell.count,
+                              prepared.get((cell.label, cell.length)), config.chat, config.batch_size, held_out,
+                              seed=config.seed)  # fmt: skip
+        batches = cell.task.measure(context, todo)
         while True:  # the task does the work of each batch; the runner times it and records its rows
             memory.reset_peak(device)
             began = time.perf_counter()
@@ -275,30 +328,32 @@ def run(config: EvalConfig) -> Path:
             cost = _cost(began, device, len(indices))  # measured once, before any row is written
             for i, row in zip(indices, rows, strict=True):
                 results.append({
-                    "method": method, "task": subtask, "length": length, "sample": i, "seed": config.seed,
-                    "cell": index, "kind": task.kind, **row, **cost, "device": device.type, "dtype": dtype_name,
+                    "method": cell.method, "task": cell.label, "length": cell.length, "sample": i,
+                    "seed": config.seed, "cell": index, "kind": cell.task.kind, **row, **cost,
+                    "device": device.type, "dtype": dtype_name, "task_spec": cell.task.spec(),
+                    "fingerprint": cell.fingerprint,
+                    **{k: v for k, v in results.identity.fields().items() if k not in ("dtype", "seed")},
                 })  # fmt: skip
-            cell.update(len(indices))
+            bar.update(len(indices))
             overall.update(len(indices))
-        cell.close()
+        bar.close()
     overall.close()
     reset(model)
-    ranks.wait_for_all(started)
-    if ranks.rank == 0:
-        write_report(out, train_length=train_length)
-    return out
+    return train_length
 
 
-def _prepare_samples(cells, tokenizer, seed: int) -> dict[tuple[str, int], list[Sample]]:
-    """Build every generation prompt up front, so a length a task cannot fit fails before any work."""
+def _prepare_samples(cells: list[Cell], tokenizer, seed: int, show: bool = True) -> dict[tuple[str, int], list[Sample]]:
+    """Build every generation prompt up front, so a length a task cannot fit fails before any work;
+    a progress bar shows it (long RULER runs spend a minute here)."""
     prepared = {}
-    for _, task, subtask, length, count in cells:
-        if task.kind != "generation" or (subtask, length) in prepared:
-            continue
+    wanted = list(dict.fromkeys((c.label, c.length) for c in cells if c.task.kind == "generation"))
+    by_key = {(c.label, c.length): c for c in cells}
+    for key in tqdm(wanted, desc="preparing prompts", unit="cell", disable=not show or not wanted):
+        cell = by_key[key]
         try:
-            prepared[subtask, length] = task.samples(subtask, tokenizer, length, count, seed)
+            prepared[key] = cell.task.samples(cell.subtask, tokenizer, cell.length, cell.count, seed)
         except ValueError as error:
-            raise LonglabError(f"task {subtask!r} at length {length}: {error}") from None
+            raise LonglabError(f"task {cell.label!r} at length {cell.length}: {error}") from None
     return prepared
 
 

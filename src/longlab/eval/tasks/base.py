@@ -4,6 +4,7 @@ samples of a (subtask, length) cell and measures them; the registry and the spec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,6 +56,7 @@ class CellContext:
     chat: bool
     batch_size: int
     held_out: HeldOut
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,40 @@ class Task:
     kind: ClassVar[str] = "generation"  # or "perplexity"
     max_new_tokens: ClassVar[int] = 16
     default_samples: ClassVar[int] = 10  # per (subtask, length) cell; per depth for niah
+    # parameters that only choose which subtasks run (ruler's ``subtasks``): no part of a result's identity
+    selectors: ClassVar[tuple[str, ...]] = ()
+
+    def params(self) -> dict[str, Any]:
+        """Parameters that differ from their defaults, by spec name, in declaration order."""
+        out = {}
+        for spec_name, field_name in task_fields(type(self)).items():
+            value, default = getattr(self, field_name), type(self).__dataclass_fields__[field_name].default
+            if value != default:
+                out[spec_name] = value
+        return out
+
+    def spec(self) -> str:
+        """The canonical spec string: the name and every non-default parameter (``passkey:digits=7``)."""
+        params = ",".join(f"{k}={_format(v)}" for k, v in self.params().items())
+        return f"{self.name}:{params}" if params else self.name
+
+    def identity(self) -> str:
+        """The spec without its selectors: everything about the task that changes a result."""
+        params = {k: v for k, v in self.params().items() if k not in self.selectors}
+        return f"{self.name}:{','.join(f'{k}={_format(v)}' for k, v in params.items())}" if params else self.name
+
+    def label(self) -> str:
+        """The task's name in results and reports: ``passkey``, or ``passkey[digits=7]`` with the
+        parameters that change a result, so two parameterisations in one run stay apart. Long values
+        are shortened with a digest of the whole value, so labels stay distinct."""
+        params = {k: v for k, v in self.params().items() if k not in self.selectors}
+        if not params:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={_short(_format(v))}' for k, v in params.items())}]"
+
+    def labelled(self, subtask: str) -> str:
+        """A subtask's label (the ``task`` column): ``ruler/vt`` -> ``ruler[haystack=DIR]/vt``."""
+        return self.label() + subtask[len(self.name) :] if subtask.startswith(self.name) else subtask
 
     def subtasks(self) -> list[str]:
         return [self.name]
@@ -101,6 +137,30 @@ class Task:
                     "predicted": answer, "score": self.score(cell.subtask, answer, sample),
                 })  # fmt: skip
             yield batch, rows
+
+
+def _format(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _short(text: str, limit: int = 40) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:24]}…{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def base_name(label: str) -> str:
+    """The task's registered name from a label: ``niah[depths=2]`` -> ``niah``, ``ruler/vt`` -> ``ruler``."""
+    return label.split("[", 1)[0].split("/", 1)[0]
+
+
+def group_of(label: str) -> str:
+    """A subtask label's task label: ``ruler[haystack=x]/vt`` -> ``ruler[haystack=x]``."""
+    head, bracket, rest = label.partition("[")
+    if bracket:
+        inside = rest.partition("]")[0]
+        return f"{head}[{inside}]"
+    return label.split("/", 1)[0]
 
 
 def task_fields(cls: type[Task]) -> dict[str, str]:

@@ -6,9 +6,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from longlab.data.haystack import filler
+from longlab.data.haystack import filler, prose_sentences
 from longlab.data.synthetic import Sample, fit
-from longlab.errors import SpecError
+from longlab.errors import LonglabError, SpecError
 from longlab.eval.scoring import string_match_all
 from longlab.eval.tasks.base import Task, register, stable_seed
 from longlab.method import check_range
@@ -40,6 +40,11 @@ class NeedleInAHaystack(Task):
         check_range(self.name, "depths", self.depths, low=1, integer=True)
         if self.haystack is not None and not Path(self.haystack).is_dir():
             raise SpecError(f"niah: parameter 'haystack' must be a folder of .txt files, got {self.haystack!r}")
+        if self.haystack is not None:
+            try:
+                prose_sentences(self.haystack)  # an empty folder fails here, when the spec is parsed
+            except LonglabError as error:
+                raise SpecError(f"niah: {error}") from None
 
     def cell_size(self, count: int) -> int:
         return count * len(self.depth_grid())

@@ -16,7 +16,8 @@ class Perplexity(Task):
     """Perplexity of held-out text (the test split of ``longlab corpus``, never trained on) at each
     length: whole-window (every position of a ``length``-token window) and sliding-window (a
     ``2 x length`` span read in windows of ``length`` advancing by ``stride``, each token scored once,
-    as in Press et al., 2022), plus the per-position loss curve of the whole window."""
+    as in Press et al., 2022), plus the per-position loss curve of the whole window. Sample ``i``'s span
+    depends on (seed, length, i) alone, so a resumed run with more samples measures what a fresh one does."""
 
     name = "ppl"
     kind = "perplexity"
@@ -29,4 +30,4 @@ class Perplexity(Task):
     def measure(self, cell: CellContext, todo: list[int]) -> Iterator[tuple[list[int], list[dict]]]:
         tokens = cell.held_out.tokens()
         for i in todo:
-            yield [i], [perplexity_sample(cell.model, tokens, cell.length, i, cell.count, self.stride_fraction)]
+            yield [i], [perplexity_sample(cell.model, tokens, cell.length, i, cell.seed, self.stride_fraction)]

@@ -22,6 +22,7 @@ class Ruler(Task):
     name = "ruler"
     max_new_tokens = 64
     default_samples = 5
+    selectors = ("subtasks",)  # which subtasks run; each subtask's results do not depend on it
     subtasks_: str = dataclasses.field(default="all", metadata={"spec_name": "subtasks"})
     haystack: str | None = None
 
