@@ -107,7 +107,7 @@ def test_perplexity_span_of_a_sample_does_not_depend_on_the_count(monkeypatch):
     measured = []
     for count in (2, 3):
         cell = CellContext(Model(), None, "ppl", 128, count, None, False, 1, HeldOut())
-        (([index], [row]),) = list(task.measure(cell, [1]))
+        (([_index], [row]),) = list(task.measure(cell, [1]))
         measured.append(row["loss_whole"])
     assert measured[0] == measured[1]
 
