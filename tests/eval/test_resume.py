@@ -39,7 +39,6 @@ def copy(base, tmp_path):
     [
         ({"seed": 1}, r"seed: 0 there, 1 here \(resume with --seed 0\)"),
         ({"dtype": "bfloat16"}, r"dtype: 'float32' there, 'bfloat16' here \(resume with --dtype float32\)"),
-        ({"chat": True}, r"chat: False there, True here \(resume without --chat\)"),
     ],
 )
 def test_another_configuration_is_refused_naming_what_differs(copy, change, message):

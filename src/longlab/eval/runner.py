@@ -238,6 +238,10 @@ def run(config: EvalConfig) -> Path:
     if dtype_name not in DTYPES:
         raise LonglabError(f"dtype {dtype_name!r} is not supported; use one of {', '.join(DTYPES)}")
     folder = checkpoint(config.model)  # a missing model, weights or tokenizer fails here, before any work
+    if config.chat:  # before the model is read
+        from transformers import AutoTokenizer
+
+        check_chat_template(AutoTokenizer.from_pretrained(folder))
     identity = Identity.of(config.model, folder, dtype_name, config.seed, config.chat)
     out = prepare_folder(config.out)
     started = ranks.start()
