@@ -9,7 +9,8 @@ import pytest
 
 import longlab
 from longlab.eval import runner
-from longlab.eval.runner import EvalConfig, Results, run
+from longlab.eval.results import Results
+from longlab.eval.runner import EvalConfig, run
 
 SMALL = dict(
     methods=["none", "rerope:window=64"],
@@ -45,10 +46,11 @@ def test_output_folder_has_results_summary_report_and_pictures(finished):
     assert len(rows) == 2 * (2 + 4 + 2 + 4) * 2
     summary = json.loads((finished / "summary.json").read_text())
     assert summary["methods"] == SMALL["methods"] and summary["lengths"] == [256, 320]
-    assert set(summary["tasks"]) == {"passkey", "niah", "ppl", "ruler/niah_single_1", "ruler/vt"}
+    assert set(summary["tasks"]) == {"passkey", "niah[depths=2]", "ppl", "ruler/niah_single_1", "ruler/vt"}
     report = (finished / "report.md").read_text()
-    for picture in ["passkey.png", "ppl.png", "ppl-by-position.png", "niah-heatmap-none.png",
-                    "niah-heatmap-rerope-window-64.png", "ruler-vt.png"]:  # fmt: skip
+    for picture in ["passkey.png", "ppl.png", "ppl-by-position.png", "niah-heatmap-niah-depths-2-none.png",
+                    "niah-heatmap-niah-depths-2-rerope-window-64.png", "ruler-vt.png",
+                    "ruler-average.png"]:  # fmt: skip
         assert f"]({picture})" in report
         assert (finished / picture).stat().st_size > 5000
     assert _png_size(finished / "passkey.png") == (700, 400)
@@ -100,9 +102,13 @@ def test_bad_input_fails_before_any_work(tmp_path, overrides, message):
 
 
 def test_resuming_in_another_dtype_is_refused_before_any_work(tmp_path):
-    row = {"method": "none", "task": "passkey", "length": 256, "sample": 0, "dtype": "bfloat16"}
+    from longlab.eval.results import Identity
+
+    identity = Identity.of("tiny", longlab.model_path("tiny"), "bfloat16", 0, False)
+    row = {"method": "none", "task": "passkey", "length": 256, "sample": 0, **identity.fields(),
+           "fingerprint": identity.fingerprint("none", "passkey", 256)}  # fmt: skip
     (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(longlab.LonglabError, match=r"measured in bfloat16; resume with --dtype bfloat16"):
+    with pytest.raises(longlab.LonglabError, match=r"dtype: 'bfloat16' there, 'float32' here \(resume with --dtype bf"):
         run(EvalConfig(out=str(tmp_path), **SMALL))  # cpu: float32 by default
     assert not (tmp_path / "runs.jsonl").exists()
 
