@@ -74,9 +74,13 @@ def tokenizer_digest(folder: Path) -> str:
 
 
 def longlab_version() -> str:
-    from longlab import __version__
+    """The installed longlab's version (read from its metadata: the package root is a layer above)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("longlab")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
