@@ -12,7 +12,6 @@ from transformers import AutoTokenizer
 
 import longlab
 from longlab.errors import SpecError
-from longlab.eval.generation import _Newline
 from longlab.eval.tasks import base, parse_task
 from longlab.eval.tasks.base import CellContext
 
@@ -81,19 +80,6 @@ def test_measure_passes_the_chat_choice_and_the_stopping_rule(tmp_path, monkeypa
         calls.clear()
         list(task.measure(cell, [0]))
         assert calls[0] == ("encode", False)
-
-
-def test_generation_stops_after_the_first_line_not_at_a_leading_newline(tokenizer):
-    prompt = tokenizer("Question:", add_special_tokens=False)["input_ids"]
-    stop = _Newline(tokenizer, len(prompt))
-
-    def done(answer):
-        ids = prompt + tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return bool(stop(torch.tensor([ids]), None)[0])
-
-    assert not done("\nDESC")  # LongBench strips leading newlines before taking the first line
-    assert done("\nDESC\n")
-    assert done("DESC\n")
 
 
 def test_longbench_prompts_and_their_overrides(tmp_path, tokenizer):

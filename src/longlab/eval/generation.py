@@ -22,13 +22,13 @@ def encode(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
 
 
 class _Newline(StoppingCriteria):
-    """Stop once every row's answer has ended its first line (newlines before any text do not count)."""
+    """Stop once every row's answer has reached a newline (the answer's natural end)."""
 
     def __init__(self, tokenizer, prompt_width: int):
         self.tokenizer, self.width = tokenizer, prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = ["\n" in self.tokenizer.decode(row[self.width :]).lstrip("\n") for row in input_ids]
+        done = ["\n" in self.tokenizer.decode(row[self.width :]) for row in input_ids]
         return torch.tensor(done, device=input_ids.device)
 
 
@@ -36,10 +36,9 @@ class _Newline(StoppingCriteria):
 def generate_answers(
     model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, first_line: bool = True
 ) -> list[str]:
-    """Greedy answers for prompts of any lengths, left-padded into one batch: the first line after any
-    leading newlines (generation stops once every row has one), or with ``first_line=False`` the whole
-    generation up to the budget or the end-of-sequence token, for tasks whose scoring reads past the
-    first line."""
+    """Greedy answers for prompts of any lengths, left-padded into one batch: the first line (generation
+    stops once every row has a newline), or with ``first_line=False`` the whole generation up to the
+    budget or the end-of-sequence token, for tasks whose scoring reads past the first line."""
     width = max(p.shape[1] for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=model.device)
@@ -53,7 +52,7 @@ def generate_answers(
         stopping_criteria=StoppingCriteriaList([_Newline(tokenizer, width)] if first_line else []),
     )  # fmt: skip
     answers = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
-    return [answer.lstrip("\n").split("\n")[0] for answer in answers] if first_line else answers
+    return [answer.split("\n")[0] for answer in answers] if first_line else answers
 
 
 @torch.no_grad()
