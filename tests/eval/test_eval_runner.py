@@ -131,10 +131,11 @@ def test_jsonl_task_truncates_in_the_middle_and_scores_with_the_dataset_metric(t
     task = parse_task(f"jsonl:path={data}")
     assert task.chosen_metric() == "qa_f1"
     tokenizer = AutoTokenizer.from_pretrained(longlab.model_path("tiny"))
-    (sample,) = task.samples("jsonl/qasper", tokenizer, 300, 5, 0)
-    assert len(tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]) <= 300 - 64 + 2
-    assert sample.prompt.startswith("start filler") and "end\n\nQuestion: What colour is the sky?" in sample.prompt
-    assert task.score("jsonl/qasper", "Blue.\nMore text", sample) == 100.0
+    (sample,) = task.samples("jsonl/qasper", tokenizer, 600, 1, 0)
+    assert len(tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]) <= 600 - 128 + 2  # qasper: 128 new
+    assert sample.prompt.startswith("You are given a scientific article") and "start filler" in sample.prompt
+    assert sample.prompt.endswith("Question: What colour is the sky?\n\nAnswer:")  # LongBench's qasper prompt
+    assert task.score("jsonl/qasper", "Blue.", sample) == 100.0
 
 
 def test_torchrun_splits_cells_across_processes_into_the_same_summary(tmp_path):

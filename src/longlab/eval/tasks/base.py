@@ -116,6 +116,10 @@ class Task:
         """Whether generation stops at the answer's first newline (else it runs to its budget)."""
         return True
 
+    def uses_chat(self, subtask: str) -> bool:
+        """Whether ``--chat`` wraps this subtask's prompts in the chat template (some formats opt out)."""
+        return True
+
     def cell_size(self, count: int) -> int:
         """Samples in one (subtask, length) cell for ``count`` samples asked."""
         return count
@@ -125,7 +129,8 @@ class Task:
         The runner times each batch and records its rows. Generation tasks: greedy answers, scored."""
         for start in range(0, len(todo), cell.batch_size):
             batch = todo[start : start + cell.batch_size]
-            prompts = [encode(cell.tokenizer, cell.samples[i].prompt, cell.chat) for i in batch]
+            chat = cell.chat and self.uses_chat(cell.subtask)
+            prompts = [encode(cell.tokenizer, cell.samples[i].prompt, chat) for i in batch]
             answers = generate_answers(
                 cell.model, cell.tokenizer, prompts, self.new_tokens(cell.subtask), self.first_line(cell.subtask)
             )
