@@ -287,6 +287,8 @@ def _attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     patch: Patch = self._longlab_patch
+    if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
+        past_key_values = kwargs.pop("cache", None)
     batch, length, _ = hidden_states.shape
     shape = (batch, length, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(shape)
