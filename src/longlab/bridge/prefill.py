@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from longlab.errors import LonglabError
+
 _ATTRIBUTE = "_longlab_chunk"
 
 
@@ -51,6 +53,13 @@ def _chunked_forward(
     if tokens.shape[1] <= chunk or kwargs.get("use_cache") is False or kwargs.get("labels") is not None:
         kwargs[cache_name] = past_key_values
         return forward(self, input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds, **kwargs)
+    if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+        pieces = -(-tokens.shape[1] // chunk)
+        raise LonglabError(
+            f"output_attentions=True needs the whole input in one forward call, but chunk={chunk} prefills "
+            f"these {tokens.shape[1]} tokens in {pieces} chunks. Pass at most {chunk} tokens per call "
+            "(feed a longer prompt piece by piece with the cache), or apply the cache policy without chunk="
+        )
     if past_key_values is None:
         past_key_values = DynamicCache(config=self.config)
     length, seen = tokens.shape[1], past_key_values.get_seq_length()
