@@ -270,10 +270,13 @@ def local_attention(module: torch.nn.Module, q, k, v, q_pos, k_pos, key_valid) -
 def attention_weights(module: torch.nn.Module, q, k, q_pos, k_pos, key_valid) -> torch.Tensor:
     """What ``output_attentions=True`` returns for one call of a patched module: the softmax of the
     active method's logits, (B, Hq, Tq, keys) in q's dtype, from the q, k and positions attention
-    used (``local_attention``'s arguments), built one block of queries at a time."""
+    used (``local_attention``'s arguments), built one block of queries at a time. They are a
+    read-out: no gradient flows through them (the model's output keeps its exact backward)."""
     patch: Patch = module._longlab_patch
     table = patch.table(int(q_pos.max()) + 1, q.device)
-    return attention_probabilities(q, k, q_pos, k_pos, key_valid, segments_for(patch, module), table, module.scaling)
+    with torch.no_grad():
+        return attention_probabilities(q, k, q_pos, k_pos, key_valid, segments_for(patch, module), table,
+                                       module.scaling)  # fmt: skip
 
 
 def _cached_attention(module, patch: Patch, q, k, v, q_pos, q_valid, cache, with_weights: bool = False):

@@ -138,8 +138,9 @@ class LonglabLayer(CacheLayerMixin):
             ).view(b, hq, t, d)
         del keys, values
         table = scoring.table(int(attend_q_pos.max()) + 1)
-        self.compress(ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale,
-                                   scoring.layer_idx, scoring.n_layers))  # fmt: skip
+        with torch.no_grad():  # what to evict is a decision, not a function to differentiate
+            self.compress(ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale,
+                                       scoring.layer_idx, scoring.n_layers))  # fmt: skip
         return out
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
