@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-_BLOCK = re.compile(r"(?:<!--\s*readme-test:\s*skip\s*\((?P<reason>[^)]*)\)\s*-->\s*\n)?```python\n(?P<code>.*?)```", re.S)
+_BLOCK = re.compile(
+    r"(?:<!--\s*readme-test:\s*skip\s*\((?P<reason>[^)]*)\)\s*-->\s*\n)?```python\n(?P<code>.*?)```", re.S
+)
 
 
 def _blocks() -> list:

@@ -92,7 +92,9 @@ def test_methods_return_the_dense_softmax_of_their_logits(spec, name, params):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("spec", ["snapkv:budget=12,window=4", "adakv:budget=12,window=4", "streaming:sinks=2,window=10"])
+@pytest.mark.parametrize(
+    "spec", ["snapkv:budget=12,window=4", "adakv:budget=12,window=4", "streaming:sinks=2,window=10"]
+)
 def test_compressed_caches_return_weights_over_the_entries_held(spec):
     """The prompt attends before any eviction (its weights are those of ``none``); each decoding step
     attends over what the cache held, so its row has one column per held entry and sums to 1."""
@@ -115,7 +117,9 @@ def test_compressed_caches_return_weights_over_the_entries_held(spec):
 def test_chunked_prefill_longer_than_one_chunk_is_refused_naming_what_works():
     model = build()
     longlab.apply(model, "snapkv:budget=16,window=4,chunk=10")
-    with pytest.raises(longlab.LonglabError, match=r"output_attentions=True needs the whole input.*chunk=10.*at most 10"):
+    with pytest.raises(
+        longlab.LonglabError, match=r"output_attentions=True needs the whole input.*chunk=10.*at most 10"
+    ):
         model(_ids(length=25), output_attentions=True)
     out = model(_ids(length=10), output_attentions=True)  # one chunk: fine, with gradients enabled too
     assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 10, 10)

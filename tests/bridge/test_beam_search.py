@@ -56,7 +56,8 @@ def _score_alone(model, prompt, generated):
     [
         "full", "window:budget=12", "streaming:sinks=2,window=10", "snapkv:budget=12,window=4",
         "h2o:budget=12", "tova:budget=12", "pyramidkv:budget=12,window=4", "adakv:budget=12,window=4",
-        "knorm:budget=12", "kv_int8:residual=4", "kv_int4:residual=4,group=8", "selfextend:group=2,window=8+h2o:budget=12",
+        "knorm:budget=12", "kv_int8:residual=4", "kv_int4:residual=4,group=8",
+        "selfextend:group=2,window=8+h2o:budget=12",
     ],
 )  # fmt: skip
 def test_every_beam_scores_what_its_tokens_score_alone(spec):

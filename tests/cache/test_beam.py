@@ -132,5 +132,5 @@ def test_reordering_an_empty_cache_is_a_no_op():
 def test_crop_is_refused_with_what_works():
     ids, mask, tokens = _inputs(steps=1)
     _, cache, _ = _prefilled("full", ids, mask, tokens)
-    with pytest.raises(longlab.LonglabError, match="cannot be cropped.*beam search"):
+    with pytest.raises(longlab.LonglabError, match=r"cannot be cropped.*beam search"):
         cache.crop(-1)

@@ -95,7 +95,7 @@ class Entries:
         beam search's reordering, and the batch expansion and selection of contrastive search. Every
         field moves with its row (a policy's per-entry scores included)."""
         heads = self.heads
-        rows = (batch_indices.to(self.lengths.device)[:, None] * heads + torch.arange(heads, device=self.lengths.device))
+        rows = batch_indices.to(self.lengths.device)[:, None] * heads + torch.arange(heads, device=self.lengths.device)
         rows = rows.flatten()
         if self.equal:
             n = self.longest
@@ -114,4 +114,3 @@ class Entries:
                 self.fields[name] = x[index]
         self.lengths = self.lengths[rows]
         self.batch = len(batch_indices)
-
