@@ -12,9 +12,12 @@ import torch
 
 import longlab
 from longlab.cache.policy import EvictionPolicy
-from longlab.method import MAX_INT, MAX_SCALE, REGISTRY
+from longlab.method import REGISTRY
 from longlab.positions import RopeConfig
 from longlab.spec import field_types, parse
+
+MAX_INT = 2**31 - 1  # longlab.method.MAX_INT: positions are int32
+MAX_SCALE = 2.0**20  # longlab.method.MAX_SCALE
 
 
 @pytest.mark.parametrize(
