@@ -106,6 +106,7 @@ def test_compressed_caches_return_weights_over_the_entries_held(spec):
         longlab.apply(model, spec)
         kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_attentions=True)
         out = model.generate(ids, return_dict_in_generate=True, **kwargs)
+    assert len(out.attentions) == 4 and all(len(step) == len(plain) == 2 for step in out.attentions)
     for g, e in zip(out.attentions[0], plain, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
     for seen, step in enumerate(out.attentions[1:], start=31):
