@@ -71,6 +71,7 @@ def test_every_beam_scores_what_its_tokens_score_alone(spec):
     ids = _ids(batch=1, length=20)
     out = _beams(model, ids)
     assert out.sequences.shape == (3, 20 + NEW)
+    assert longlab.cache_stats(model).seen == 20 + NEW - 1  # the beams decoded from longlab's cache
     for sequence, score in zip(out.sequences, out.sequences_scores, strict=True):
         alone = _score_alone(model, sequence[:20], sequence[20:])
         assert abs(alone - score.item()) < 1e-3, (spec, alone, score.item())

@@ -74,6 +74,7 @@ def _prefilled(spec, ids, mask, tokens):
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         _, mask = _decode(model, cache, mask, tokens)
+    assert len(cache.layers) == 2 and all(isinstance(layer, LonglabLayer) for layer in cache.layers)
     return model, cache, mask
 
 
