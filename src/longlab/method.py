@@ -72,8 +72,19 @@ def field_types(cls: type[Method]) -> dict[str, Any]:
 # -- validation helpers used by the methods' __post_init__ ---------------------------------------
 
 
+# The bounds every numeric parameter lives within, whatever its own range says.
+MAX_INT = 2**31 - 1  # positions are int32 in the cache: no count, length or window beyond that
+MAX_SCALE = 2.0**20  # the largest scale factor (about a million times the training length): every
+#   frequency table it gives stays finite in float32
+MAX_ATTENTION_FACTOR = 10.0  # a multiplier on cos and sin: logits grow by its square
+
+
 def _fail(method: str, param: str, allowed: str, value: Any) -> SpecError:
     return SpecError(f"{method}: parameter '{param}' must be {allowed}, got {value!r}")
+
+
+def _bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def check_range(
@@ -86,22 +97,42 @@ def check_range(
     low_open: bool = False,
     integer: bool = False,
 ) -> None:
-    """Raise a SpecError naming ``param`` and its allowed range unless ``value`` lies in it.
+    """Raise a SpecError naming ``param``, its value and its allowed range unless ``value`` lies in it.
 
-    ``None`` passes: it means "derive from the model" and is checked again after ``resolve``.
+    Every value must be finite (``inf`` or ``nan`` never make a method work: they surface later as
+    NaN logits or an OverflowError); integers are at most ``MAX_INT`` (positions are int32), and an
+    integer field refuses a float, even a whole one. ``None`` passes: it means "derive from the
+    model" and is checked again after ``resolve``.
     """
     if value is None:
         return
+    if integer:
+        high = min(high, MAX_INT)
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
         raise _fail(method, param, kind, value)
-    if math.isnan(value):
-        raise _fail(method, param, kind, value)
+    bounds = []
+    if low != -math.inf:
+        bounds.append(f"> {_bound(low)}" if low_open else f">= {_bound(low)}")
+    if high != math.inf:
+        bounds.append(f"<= {_bound(high)}")
+    # integers always have a finite bound (MAX_INT); a float without an upper one says it must be finite
+    noun = kind if integer or high != math.inf else "a finite number"
+    allowed = " ".join((noun, " and ".join(bounds))).strip()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(method, param, allowed, value)
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
-        lower = f"> {low:g}" if low_open else f">= {low:g}"
-        allowed = lower if high == math.inf else f"{lower} and <= {high:g}"
-        raise _fail(method, param, f"{kind} {allowed}", value)
+        raise _fail(method, param, allowed, value)
+
+
+def check_finite(method: Method) -> None:
+    """Every number among ``method``'s parameters (lists included) is finite: the guard behind the
+    methods' own ranges, for the spec parser."""
+    for param, value in method.parameters().items():
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise _fail(method.name, param, "a finite number", item)
 
 
 def check_order(
@@ -115,5 +146,6 @@ def check_order(
         raise SpecError(f"{method}: parameter '{low_name}' must be {relation} '{high_name}', got {low!r} and {high!r}")
 
 
-def check_original_length(method: Method) -> None:
-    check_range(method.name, "original_length", method.original_length, low=1, integer=True)
+def check_original_length(method: Method, low: int = 1) -> None:
+    """L_train: a whole number of tokens (>= 2 where a method divides by log L)."""
+    check_range(method.name, "original_length", method.original_length, low=low, integer=True)

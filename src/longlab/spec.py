@@ -17,7 +17,7 @@ from typing import Any
 import longlab.cache.policies
 import longlab.positions  # noqa: F401  (registers the methods)
 from longlab.errors import SpecError
-from longlab.method import KINDS, REGISTRY, Method, field_types
+from longlab.method import KINDS, REGISTRY, Method, check_finite, field_types
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
@@ -42,6 +42,11 @@ def _options(annotation: Any) -> tuple[Any, ...]:
 
 
 def convert(method: str, param: str, annotation: Any, text: str) -> Any:
+    """``text`` as the parameter's declared type. Integers take a ``k`` suffix on a whole number
+    (``2k`` is 2048; ``2.5k`` and ``infk`` are refused). Ranges, finiteness included (``inf``,
+    ``nan``, ``1e400``), are checked by the method itself (``__post_init__`` through
+    :func:`longlab.method.check_range`, whose message names the allowed range) and, for any number
+    a method leaves unchecked, by :func:`build`."""
     target = _options(annotation)[0]
     lowered = text.strip().lower()
     try:
@@ -52,7 +57,7 @@ def convert(method: str, param: str, annotation: Any, text: str) -> Any:
                 return lowered in _TRUE
             raise ValueError
         if target is int:
-            return int(float(lowered[:-1]) * 1024) if lowered.endswith("k") else int(lowered)
+            return int(lowered[:-1]) * 1024 if lowered.endswith("k") else int(lowered)
         if target is float:
             return float(lowered)
         if typing.get_origin(target) is tuple:
@@ -60,7 +65,11 @@ def convert(method: str, param: str, annotation: Any, text: str) -> Any:
             return tuple(float(item) for item in items)
         return text.strip()
     except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(target, "a list like [1;2]")
+        kind = {
+            bool: "true or false",
+            int: "an integer (a k suffix multiplies a whole number by 1024: 2k = 2048)",
+            float: "a number",
+        }.get(target, "a list like [1;2]")
         raise SpecError(f"{method}: parameter '{param}' must be {kind}, got {text!r}") from None
 
 
@@ -85,7 +94,9 @@ def build(name: str, params: dict[str, Any]) -> Method:
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f)]
     if missing:
         raise SpecError(f"method {name!r} needs parameter(s) {', '.join(missing)} (e.g. '{name}:{missing[0]}=4')")
-    return cls(**values)
+    method = cls(**values)
+    check_finite(method)
+    return method
 
 
 def _required(field: dataclasses.Field) -> bool:

@@ -293,7 +293,8 @@ def test_chunked_prefill_bounds_what_the_cache_holds():
 
     def spy(*args, **kwargs):
         out = layer_forward(*args, **kwargs)
-        held.append(int(kwargs["past_key_values"].layers[0].entries.counts().max()))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
+        held.append(int(cache.layers[0].entries.counts().max()))
         return out
 
     model.model.layers[0].self_attn.forward = spy

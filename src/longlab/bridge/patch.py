@@ -4,7 +4,8 @@ After ``apply`` each attention module of the model computes q, k, v with its own
 Qwen3's q/k norms), stores *unrotated* keys plus their positions in the cache, and calls the
 segmented kernel, which rotates q and k at the positions the active method assigns (docs/design.md).
 The model's mask creation is switched to a registered "longlab" implementation that passes only the
-(B, keys) padding mask through, so no (L x L) mask is ever built.
+(B, keys) padding mask through, so no (L x L) mask is ever built. With ``output_attentions=True`` each
+module also returns its attention probabilities, built blockwise from the same q, k and positions.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from longlab.attention.kernel import segmented_attention
 from longlab.bridge.prefill import install_chunked_prefill, uninstall_chunked_prefill
 from longlab.cache.layer import layer_for
 from longlab.cache.policy import CachePolicy, Scoring
+from longlab.cache.scores import attention_probabilities
 from longlab.cache.stats import CacheStats
 from longlab.cache.stats import cache_stats as stats_of_cache
 from longlab.errors import LonglabError, UnsupportedModelError
@@ -265,17 +267,42 @@ def local_attention(module: torch.nn.Module, q, k, v, q_pos, k_pos, key_valid) -
     return segmented_attention(q, k, v, q_pos, k_pos, segments_for(patch, module), table, module.scaling, key_valid)
 
 
-def _cached_attention(module, patch: Patch, q, k, v, q_pos, q_valid, cache) -> torch.Tensor:
-    """Append the new keys to the layer's cache, attend over what it holds, then let the policy evict."""
+def attention_weights(module: torch.nn.Module, q, k, q_pos, k_pos, key_valid) -> torch.Tensor:
+    """What ``output_attentions=True`` returns for one call of a patched module: the softmax of the
+    active method's logits, (B, Hq, Tq, keys) in q's dtype, from the q, k and positions attention
+    used (``local_attention``'s arguments), built one block of queries at a time. They are a
+    read-out: no gradient flows through them (the model's output keeps its exact backward)."""
+    patch: Patch = module._longlab_patch
+    table = patch.table(int(q_pos.max()) + 1, q.device)
+    with torch.no_grad():
+        return attention_probabilities(q, k, q_pos, k_pos, key_valid, segments_for(patch, module), table,
+                                       module.scaling)  # fmt: skip
+
+
+def _cached_attention(module, patch: Patch, q, k, v, q_pos, q_valid, cache, with_weights: bool = False):
+    """Append the new keys to the layer's cache, attend over what it holds, then let the policy evict.
+    Returns the output and, ``with_weights``, the attention probabilities over the entries the layer
+    held for this call (before its eviction), else None."""
     layer = layer_for(cache, module.layer_idx, patch.cache, _sliding_window(module))
     if q_valid is None:
         q_valid = torch.ones(q_pos.shape, dtype=torch.bool, device=q.device)
     scoring = Scoring(segments_for(patch, module), lambda length: patch.table(length, q.device), module.scaling,
                       module.layer_idx, len(patch.modules))  # fmt: skip
-    out = layer.attend(q, k, v, q_pos, q_valid, functools.partial(local_attention, module), scoring)
+    attend = functools.partial(local_attention, module)
+    weights = []
+    if with_weights:
+
+        def attend(q, k, v, q_pos, k_pos, key_valid):  # the layer may fold KV heads into the batch
+            weights.append(attention_weights(module, q, k, q_pos, k_pos, key_valid))
+            return local_attention(module, q, k, v, q_pos, k_pos, key_valid)
+
+    out = layer.attend(q, k, v, q_pos, q_valid, attend, scoring)
     if module is patch.modules[-1]:
         patch.last_stats = stats_of_cache(cache)
-    return out
+    if not weights:
+        return out, None
+    b, hq, t, _ = q.shape
+    return out, weights[0].reshape(b, hq, t, -1)  # folded (B * Hk, G, T, N) -> (B, Hq, T, N)
 
 
 def _attention_forward(
@@ -287,6 +314,8 @@ def _attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     patch: Patch = self._longlab_patch
+    if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
+        past_key_values = kwargs.pop("cache", None)
     batch, length, _ = hidden_states.shape
     shape = (batch, length, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(shape)
@@ -296,6 +325,7 @@ def _attention_forward(
         q, k = self.q_norm(q), self.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
 
+    with_weights = bool(kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)))
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         start = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
@@ -308,13 +338,22 @@ def _attention_forward(
     q_valid = attention_mask[:, -length:].bool() if attention_mask is not None else None
     if patch.scaling is not None:
         q = q * patch.scaling.query_scale(q_pos)[:, None, :, None].to(q.dtype)
+    if with_weights and patch.attend is not None:
+        raise LonglabError(
+            "output_attentions=True is not available on a sequence-parallel model (longlab.parallel.shard): "
+            "each process holds only a slice of the keys. Ask for attention weights from a model that is "
+            "longlab.apply'd and not sharded"
+        )
+    weights = None
     if past_key_values is None:
         out = (patch.attend or local_attention)(self, q, k, v, q_pos, q_pos, q_valid)
+        if with_weights:
+            weights = attention_weights(self, q, k, q_pos, q_pos, q_valid)
     else:
         if patch.attend is not None:
             raise LonglabError(
                 "this model's attention is sequence-parallel (longlab.parallel.shard); call it with use_cache=False"
             )
-        out = _cached_attention(self, patch, q, k, v, q_pos, q_valid, past_key_values)
+        out, weights = _cached_attention(self, patch, q, k, v, q_pos, q_valid, past_key_values, with_weights)
     out = out.transpose(1, 2).reshape(batch, length, -1)
-    return self.o_proj(out), None
+    return self.o_proj(out), weights

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from longlab.errors import LonglabError
+
 _ATTRIBUTE = "_longlab_chunk"
 
 
@@ -42,10 +44,22 @@ def _chunked_forward(
     **kwargs: Any,
 ):
     forward = type(self).forward
+    # transformers >= 5.24 names the cache argument `cache` (and deprecates `past_key_values`)
+    cache_name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    given = kwargs.pop("cache", None)
+    past_key_values = past_key_values if past_key_values is not None else given
     tokens = input_ids if input_ids is not None else inputs_embeds
     chunk = self._longlab_chunk
     if tokens.shape[1] <= chunk or kwargs.get("use_cache") is False or kwargs.get("labels") is not None:
-        return forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, **kwargs)
+        kwargs[cache_name] = past_key_values
+        return forward(self, input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds, **kwargs)
+    if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+        pieces = -(-tokens.shape[1] // chunk)
+        raise LonglabError(
+            f"output_attentions=True needs the whole input in one forward call, but chunk={chunk} prefills "
+            f"these {tokens.shape[1]} tokens in {pieces} chunks. Pass at most {chunk} tokens per call "
+            "(feed a longer prompt piece by piece with the cache), or apply the cache policy without chunk="
+        )
     if past_key_values is None:
         past_key_values = DynamicCache(config=self.config)
     length, seen = tokens.shape[1], past_key_values.get_seq_length()
@@ -58,7 +72,8 @@ def _chunked_forward(
     logits = []
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
-        part = dict(kwargs, past_key_values=past_key_values, use_cache=True)
+        part = dict(kwargs, use_cache=True)
+        part[cache_name] = past_key_values
         part["input_ids" if input_ids is not None else "inputs_embeds"] = tokens[:, start:stop]
         if attention_mask is not None:
             part["attention_mask"] = attention_mask[:, : seen + stop]

@@ -89,3 +89,28 @@ class Entries:
         for name in self.fields:
             self.fields[name] = self.dense(name)[mask]
         self.lengths = mask.sum(dim=-1).flatten()
+
+    def select(self, batch_indices: torch.Tensor) -> None:
+        """Keep the batch rows ``batch_indices`` (a (B',) long tensor, repeats allowed), in that order:
+        beam search's reordering, and the batch expansion and selection of contrastive search. Every
+        field moves with its row (a policy's per-entry scores included)."""
+        heads = self.heads
+        rows = batch_indices.to(self.lengths.device)[:, None] * heads + torch.arange(heads, device=self.lengths.device)
+        rows = rows.flatten()
+        if self.equal:
+            n = self.longest
+            for name, x in self.fields.items():
+                self.fields[name] = x.view(self.rows, n, *x.shape[1:])[rows].reshape(-1, *x.shape[1:])
+        else:  # packed rows of different lengths: gather each new row's run of entries
+            starts = torch.cumsum(self.lengths, 0) - self.lengths
+            lengths = self.lengths[rows]
+            total = int(lengths.sum())
+            first = torch.repeat_interleave(starts[rows], lengths, output_size=total)
+            offset = torch.arange(total, device=lengths.device) - torch.repeat_interleave(
+                torch.cumsum(lengths, 0) - lengths, lengths, output_size=total
+            )
+            index = first + offset
+            for name, x in self.fields.items():
+                self.fields[name] = x[index]
+        self.lengths = self.lengths[rows]
+        self.batch = len(batch_indices)

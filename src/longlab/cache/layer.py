@@ -61,6 +61,39 @@ class LonglabLayer(CacheLayerMixin):
         self.entries, self.seen, self.valid_seen = None, 0, None
         self.is_initialized = False
 
+    # batch reordering (beam search, contrastive search): every row's entries, per-entry policy
+    # scores, quantized blocks and count of real tokens move with the row
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows ``indices`` (long indices, repeats allowed, or a boolean mask), in order."""
+        if self.entries is None:
+            return
+        device = self.valid_seen.device
+        indices = torch.as_tensor(indices, device=device)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        indices = indices.long()
+        self.entries.select(indices)
+        self.valid_seen = self.valid_seen[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i becomes what row ``beam_idx[i]`` was."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row ``repeats`` times, copies next to each other."""
+        if self.entries is None:
+            return
+        rows = torch.arange(self.valid_seen.shape[0], device=self.valid_seen.device)
+        self.batch_select_indices(rows.repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LonglabError(
+            "longlab's cache layers cannot be cropped (they may have evicted or quantized the tokens "
+            "to drop): assisted or speculative decoding does not work after longlab.apply; greedy, "
+            "sampling, beam search and contrastive search do"
+        )
+
     # -- longlab -------------------------------------------------------------------------------
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
@@ -105,8 +138,9 @@ class LonglabLayer(CacheLayerMixin):
             ).view(b, hq, t, d)
         del keys, values
         table = scoring.table(int(attend_q_pos.max()) + 1)
-        self.compress(ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale,
-                                   scoring.layer_idx, scoring.n_layers))  # fmt: skip
+        with torch.no_grad():  # what to evict is a decision, not a function to differentiate
+            self.compress(ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale,
+                                       scoring.layer_idx, scoring.n_layers))  # fmt: skip
         return out
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -47,6 +47,12 @@ class QuantizedBlock:
             self.k = (pack4(self.k[0]), *self.k[1:])
             self.v = (pack4(self.v[0]), *self.v[1:])
 
+    def select(self, batch_indices: torch.Tensor) -> None:
+        """Keep the batch rows ``batch_indices`` (repeats allowed), codes, scales and zeros alike."""
+        self.k = tuple(x[batch_indices] for x in self.k)
+        self.v = tuple(x[batch_indices] for x in self.v)
+        self.shape = torch.Size((len(batch_indices), *self.shape[1:]))
+
     def keys(self) -> torch.Tensor:
         codes, scale, zero = self.k
         return dequantize(unpack4(codes) if self.bits == 4 else codes, scale, zero)
@@ -96,6 +102,15 @@ class QuantizedEntries:
 
     def counts(self) -> torch.Tensor:
         return self.meta.counts()
+
+    def select(self, batch_indices: torch.Tensor) -> None:
+        """Keep the batch rows ``batch_indices`` (repeats allowed): every quantized block, the
+        full-precision residual and the positions."""
+        self.meta.select(batch_indices)
+        batch_indices = batch_indices.to(self.tail["keys"].device)
+        for block in self.blocks:
+            block.select(batch_indices)
+        self.tail = {name: x[batch_indices] for name, x in self.tail.items()}
 
     @property
     def nbytes(self) -> int:

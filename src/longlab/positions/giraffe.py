@@ -48,8 +48,10 @@ class Truncation(PositionMethod):
     original_length: int | None = None
 
     def __post_init__(self) -> None:
-        for param in ("low", "high", "rho"):
+        for param in ("low", "high"):
             check_range(self.name, param, getattr(self, param), low=0)
+        # a frequency above pi radians per token aliases to a lower one; a huge one overflows the angles
+        check_range(self.name, "rho", self.rho, low=0, high=math.pi)
         check_original_length(self)
         check_order(self.name, "low", self.low, "high", self.high, strict=False)
 

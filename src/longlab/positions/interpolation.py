@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longlab.method import check_original_length, check_range, register
+from longlab.method import MAX_SCALE, check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import FrequencyTable, RopeConfig
 
@@ -21,7 +21,7 @@ class Linear(PositionMethod):
     original_length: int | None = None
 
     def __post_init__(self) -> None:
-        check_range(self.name, "factor", self.factor, low=0, low_open=True)
+        check_range(self.name, "factor", self.factor, low=0, low_open=True, high=MAX_SCALE)
         check_original_length(self)
 
     def reach(self) -> int:

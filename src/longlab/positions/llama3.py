@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longlab.method import check_order, check_original_length, check_range, register
+from longlab.method import MAX_SCALE, check_order, check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import FrequencyTable, RopeConfig
 
@@ -27,9 +27,9 @@ class Llama3(PositionMethod):
     original_length: int | None = None
 
     def __post_init__(self) -> None:
-        check_range(self.name, "factor", self.factor, low=0, low_open=True)
-        check_range(self.name, "low_freq_factor", self.low_freq_factor, low=0, low_open=True)
-        check_range(self.name, "high_freq_factor", self.high_freq_factor, low=0, low_open=True)
+        check_range(self.name, "factor", self.factor, low=0, low_open=True, high=MAX_SCALE)
+        check_range(self.name, "low_freq_factor", self.low_freq_factor, low=0, low_open=True, high=MAX_SCALE)
+        check_range(self.name, "high_freq_factor", self.high_freq_factor, low=0, low_open=True, high=MAX_SCALE)
         check_order(self.name, "low_freq_factor", self.low_freq_factor, "high_freq_factor", self.high_freq_factor, True)
         check_original_length(self)
 

@@ -23,7 +23,7 @@ class LogN(ScalingMethod):
     original_length: int | None = None
 
     def __post_init__(self) -> None:
-        check_original_length(self)
+        check_original_length(self, low=2)  # the scale divides by log L
 
     def query_scale(self, positions: torch.Tensor) -> torch.Tensor:
         scale = torch.log(positions.float() + 1) / math.log(self.original_length)

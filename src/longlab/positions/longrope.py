@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from longlab.errors import SpecError
-from longlab.method import check_original_length, check_range, register
+from longlab.method import MAX_ATTENTION_FACTOR, MAX_SCALE, check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import FrequencyTable, RopeConfig
 from longlab.positions.yarn import yarn_ramp
@@ -38,12 +38,13 @@ class LongRoPE(PositionMethod):
     attention_factor: float | None = None
 
     def __post_init__(self) -> None:
-        check_range(self.name, "factor", self.factor, low=0, low_open=True)
-        check_original_length(self)
-        check_range(self.name, "attention_factor", self.attention_factor, low=0, low_open=True)
+        check_range(self.name, "factor", self.factor, low=0, low_open=True, high=MAX_SCALE)
+        check_original_length(self, low=2)  # the attention factor divides by ln L
+        check_range(self.name, "attention_factor", self.attention_factor, low=0, low_open=True,
+                    high=MAX_ATTENTION_FACTOR)  # fmt: skip
         for param in ("short_factor", "long_factor"):
             for value in getattr(self, param) or ():
-                check_range(self.name, param, value, low=0, low_open=True)
+                check_range(self.name, param, value, low=1 / MAX_SCALE, high=MAX_SCALE)
         if self.factors is not None and not Path(self.factors).is_file():
             raise SpecError(f"{self.name}: parameter 'factors' must be a JSON file, got {self.factors!r}")
 

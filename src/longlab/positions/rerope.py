@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from longlab.method import check_original_length, check_range, register
+from longlab.method import MAX_SCALE, check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import RopeConfig
 from longlab.positions.segments import Affine, Constant, Segment
@@ -48,7 +48,7 @@ class LeakyReRoPE(PositionMethod):
 
     def __post_init__(self) -> None:
         check_range(self.name, "window", self.window, low=1, integer=True)
-        check_range(self.name, "k", self.k, low=1)
+        check_range(self.name, "k", self.k, low=1, high=MAX_SCALE)
         check_original_length(self)
 
     def resolve(self, rope: RopeConfig) -> LeakyReRoPE:

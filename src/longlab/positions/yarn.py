@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longlab.method import check_original_length, check_range, register
+from longlab.method import MAX_ATTENTION_FACTOR, MAX_SCALE, check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import FrequencyTable, RopeConfig
 
@@ -55,11 +55,12 @@ class YaRN(PositionMethod):
     attention_factor: float | None = None
 
     def __post_init__(self) -> None:
-        check_range(self.name, "factor", self.factor, low=0, low_open=True)
+        check_range(self.name, "factor", self.factor, low=0, low_open=True, high=MAX_SCALE)
         check_original_length(self)
-        check_range(self.name, "beta_fast", self.beta_fast, low=0, low_open=True)
-        check_range(self.name, "beta_slow", self.beta_slow, low=0, low_open=True)
-        check_range(self.name, "attention_factor", self.attention_factor, low=0, low_open=True)
+        check_range(self.name, "beta_fast", self.beta_fast, low=0, low_open=True, high=MAX_SCALE)
+        check_range(self.name, "beta_slow", self.beta_slow, low=0, low_open=True, high=MAX_SCALE)
+        check_range(self.name, "attention_factor", self.attention_factor, low=0, low_open=True,
+                    high=MAX_ATTENTION_FACTOR)  # fmt: skip
 
     def table(self, rope: RopeConfig, seq_len: int) -> FrequencyTable:
         return yarn_table(rope, self.factor, self.original_length, self.beta_fast, self.beta_slow,
@@ -83,8 +84,8 @@ class DynamicYaRN(PositionMethod):
 
     def __post_init__(self) -> None:
         check_original_length(self)
-        check_range(self.name, "beta_fast", self.beta_fast, low=0, low_open=True)
-        check_range(self.name, "beta_slow", self.beta_slow, low=0, low_open=True)
+        check_range(self.name, "beta_fast", self.beta_fast, low=0, low_open=True, high=MAX_SCALE)
+        check_range(self.name, "beta_slow", self.beta_slow, low=0, low_open=True, high=MAX_SCALE)
 
     def table(self, rope: RopeConfig, seq_len: int) -> FrequencyTable:
         factor = max(1.0, seq_len / self.original_length)
