@@ -119,17 +119,43 @@ def _depth(rng: random.Random, depth: float | None) -> float:
     return rng.random() if depth is None else depth
 
 
+def landmark_garbage(chars: int) -> str:
+    """The first ``chars`` characters of the filler sentence group repeated with spaces (Landmark's
+    ``" ".join([garbage] * 2000)[:n]``: the cut may fall inside a word)."""
+    repeats = chars // (len(NOISE) + 1) + 1
+    return " ".join([NOISE] * repeats)[:chars]
+
+
 def passkey(
-    tokenizer, length: int, rng: random.Random, digits: int = 5, depth: float | None = None, answer_tokens: int = 8
+    tokenizer,
+    length: int,
+    rng: random.Random,
+    digits: int | None = None,
+    depth: float | None = None,
+    answer_tokens: int = 8,
+    garbage: str = "characters",
 ) -> Sample:
-    """Landmark-format passkey retrieval: the key hidden at ``depth`` (0 = start, 1 = end) of filler."""
-    key = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    """Landmark-format passkey retrieval: the key hidden at ``depth`` (0 = start, 1 = end) of filler.
+
+    The key is Landmark's ``randint(1, 50000)`` by default, or an integer of exactly ``digits`` digits.
+    ``garbage="characters"`` cuts the filler by characters as Landmark's script does; ``"sentences"``
+    uses whole filler sentence groups (the format the bundled model was trained on, kept for
+    ``longlab train``)."""
+    if digits is None:
+        key = str(rng.randint(1, 50000))
+    else:
+        key = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
     depth = _depth(rng, depth)
+    if garbage == "characters":
+        unit = landmark_garbage
+    elif garbage == "sentences":
+        unit = lambda n: " ".join([NOISE] * n)  # noqa: E731
+    else:
+        raise ValueError(f"garbage must be 'characters' or 'sentences', got {garbage!r}")
 
     def build(n: int) -> str:
         before = round(n * depth)
-        parts = [PASSKEY_TASK, " ".join([NOISE] * before), PASSKEY_NEEDLE.format(key=key)]
-        return "\n".join([*parts, " ".join([NOISE] * (n - before)), PASSKEY_QUESTION])
+        return "\n".join([PASSKEY_TASK, unit(before), PASSKEY_NEEDLE.format(key=key), unit(n - before), PASSKEY_QUESTION])
 
     prompt, _ = fit(tokenizer, build, length - answer_tokens)
     return Sample(prompt, [key], {"task": "passkey", "length": length, "depth": depth})
