@@ -90,7 +90,7 @@ def test_report_rebuilds_from_results_alone(finished, tmp_path):
         ({"tasks": ["passky"]}, "did you mean 'passkey'"),
         ({"methods": ["yarn:factor=2"], "lengths": [2048]}, r"designed for inputs up to 1024 tokens"),
         ({"tasks": ["ruler:subtasks=vt"], "lengths": [48]}, r"task 'ruler/vt' at length 48"),
-        ({"tasks": ["ruler:subtasks=vt"], "lengths": [512]}, r"ruler/vt' at length 512: RULER vt needs at least \d+ tok"),
+        ({"tasks": ["ruler:subtasks=vt"], "lengths": [512]}, r"at length 512: RULER vt needs at least \d+ tok"),
         ({"lengths": [10**9]}, "GiB"),
     ],
 )

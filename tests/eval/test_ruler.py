@@ -3,6 +3,7 @@ rules, value types, haystack layout, in-context examples, budgets, scoring and m
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections import Counter
@@ -142,13 +143,13 @@ def _vt_parts(prompt):
 
 
 def test_variable_tracking_chain_lines_in_rulers_format():
-    """"VAR A = 12345", then "VAR B = VAR A " (trailing space, no period), one per line among noise lines."""
+    """ "VAR A = 12345", then "VAR B = VAR A " (trailing space, no period), one per line among noise lines."""
     sample = _sample("vt", length=1100)
     _, task = _vt_parts(sample.prompt)
     context, question = task.split("\nQuestion: ")
     value = re.search(r"^VAR [A-Z]{5} = (\d{5})$", context, flags=re.M).group(1)
     names = sample.answers
-    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a} " for a, b in zip(names, names[1:], strict=False)]
+    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a} " for a, b in itertools.pairwise(names)]
     lines = context.split("\n")
     assert [x for x in lines if x != NOISE] == chain  # in order, each on its own line
     assert lines.count(NOISE) >= 5

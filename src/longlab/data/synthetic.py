@@ -141,10 +141,8 @@ def passkey(
     ``garbage="characters"`` cuts the filler by characters as Landmark's script does; ``"sentences"``
     uses whole filler sentence groups (the format the bundled model was trained on, kept for
     ``longlab train``)."""
-    if digits is None:
-        key = str(rng.randint(1, 50000))
-    else:
-        key = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    low, high = (1, 50000) if digits is None else (10 ** (digits - 1), 10**digits - 1)
+    key = str(rng.randint(low, high))
     depth = _depth(rng, depth)
     if garbage == "characters":
         unit = landmark_garbage
@@ -155,7 +153,8 @@ def passkey(
 
     def build(n: int) -> str:
         before = round(n * depth)
-        return "\n".join([PASSKEY_TASK, unit(before), PASSKEY_NEEDLE.format(key=key), unit(n - before), PASSKEY_QUESTION])
+        needle = PASSKEY_NEEDLE.format(key=key)
+        return "\n".join([PASSKEY_TASK, unit(before), needle, unit(n - before), PASSKEY_QUESTION])
 
     prompt, _ = fit(tokenizer, build, length - answer_tokens)
     return Sample(prompt, [key], {"task": "passkey", "length": length, "depth": depth})

@@ -12,6 +12,7 @@ in for the Paul Graham essays, token-exact fitting) docs/evaluation.md lists it.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import random
 import re
@@ -206,7 +207,7 @@ def _variables(rng: random.Random, count: int, letters: int) -> list[str]:
 
 def _chain(names: list[str], value: str) -> list[str]:
     """RULER's chain lines: "VAR A = value", then "VAR B = VAR A " (with its trailing space)."""
-    return [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a} " for a, b in zip(names, names[1:], strict=False)]
+    return [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a} " for a, b in itertools.pairwise(names)]
 
 
 def _vt_text(names: list[str], value: str, noises: int, place_seed: int) -> str:
