@@ -1,9 +1,11 @@
 """Generators of synthetic long-context samples, shared by training and evaluation.
 
 Formats follow docs/evaluation.md exactly (the passkey format of Landmark Attention, Mohtashami & Jaggi,
-2023; RULER's needle templates, Hsieh et al., 2024). Every generator takes the model's tokenizer and
-a length in *tokens*, template and generation budget included, and a ``random.Random`` so the same
-seed gives the same prompt on any machine with the same tokenizer.
+2023; RULER's needle templates, Hsieh et al., 2024); the variable-tracking and word-counting exercises
+are the bundled model's training formats (RULER's own vt, cwe and fwe are in ``longlab.eval.ruler``).
+Every generator takes the model's tokenizer and a length in *tokens*, template and generation budget
+included, and a ``random.Random`` so the same seed gives the same prompt on any machine with the same
+tokenizer.
 """
 
 from __future__ import annotations
@@ -231,7 +233,9 @@ def _variable(rng: random.Random) -> str:
 
 
 def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 4, answer_tokens: int = 40) -> Sample:
-    """RULER vt: one chain VAR A = value, VAR B = VAR A, ... spread through the noise haystack."""
+    """A variable-tracking training exercise in the style of RULER vt: one chain VAR A = value, VAR B =
+    VAR A, ... spread through the noise haystack (the bundled model's format; the evaluation's exact
+    RULER vt is ``longlab.eval.ruler``)."""
     value = str(rng.randint(10**4, 10**5 - 1))
     names = [_variable(rng) for _ in range(hops + 1)]
     lines = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
@@ -254,7 +258,9 @@ def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 4,
 def common_words(
     tokenizer, length: int, rng: random.Random, top: int = 3, repeats: int = 6, answer_tokens: int = 24
 ) -> Sample:
-    """RULER cwe (scaled down): a numbered word list where ``top`` words appear ``repeats`` times."""
+    """A word-counting training exercise in the style of RULER cwe: a numbered word list, one word a
+    line, where ``top`` words appear ``repeats`` times (the bundled model's format; the evaluation's
+    exact RULER cwe is ``longlab.eval.ruler``)."""
     vocabulary = list(word_list("noun"))
     rng.shuffle(vocabulary)
     common, rare_pool = vocabulary[:top], vocabulary[top:]
