@@ -113,3 +113,26 @@ def test_training_on_cuda_runs_and_learns(tmp_path):
     training.train(tmp_path, SMALL, device="cuda")
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) == SMALL.steps and all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
+
+
+def test_training_passkeys_keep_the_format_the_shipped_checkpoint_was_trained_on():
+    """The evaluation's passkey default moved to Landmark's keys and character-cut filler; the recipe
+    pins the earlier format (5-digit keys, whole filler sentence groups) so training stays reproducible."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    import longlab
+    from longlab.data import synthetic
+
+    tokenizer = AutoTokenizer.from_pretrained(longlab.model_path("tiny"))
+    sample = training.EXERCISES["passkey"](tokenizer, 300, random.Random(3))
+    filler = synthetic.NOISE
+    key = sample.answers[0]
+    # the prompt the recipe has always built: whole filler groups around the needle, a 5-digit key
+    rng = random.Random(3)
+    expected_key, depth = str(rng.randint(10**4, 10**5 - 1)), rng.random()
+    assert key == expected_key and sample.meta["depth"] == depth
+    lines = sample.prompt.split("\n")
+    assert set(lines[1].split(filler)) <= {"", " "} and set(lines[3].split(filler)) <= {"", " "}
+    assert lines[2] == f"The pass key is {key}. Remember it. {key} is the pass key."

@@ -149,7 +149,7 @@ Retrieval accuracy by input length (tokens, template and answer budget included)
 
 | task | {lengths} |
 |---|{"---|" * (len(TRAIN_LENGTHS) + len(BEYOND_LENGTHS))}
-| passkey (5 digits) | {row("passkey")} |
+| passkey (Landmark format, keys 1–50000) | {row("passkey")} |
 | RULER niah_single_1 (7 digits) | {row("niah_single")} |
 
 Beyond {recipe.context} tokens, with plain RoPE, retrieval collapses: that is the baseline the extension

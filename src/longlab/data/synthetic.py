@@ -1,9 +1,11 @@
 """Generators of synthetic long-context samples, shared by training and evaluation.
 
 Formats follow docs/evaluation.md exactly (the passkey format of Landmark Attention, Mohtashami & Jaggi,
-2023; RULER's needle templates, Hsieh et al., 2024). Every generator takes the model's tokenizer and
-a length in *tokens*, template and generation budget included, and a ``random.Random`` so the same
-seed gives the same prompt on any machine with the same tokenizer.
+2023; RULER's needle templates, Hsieh et al., 2024); the variable-tracking and word-counting exercises
+are the bundled model's training formats (RULER's own vt, cwe and fwe are in ``longlab.eval.ruler``).
+Every generator takes the model's tokenizer and a length in *tokens*, template and generation budget
+included, and a ``random.Random`` so the same seed gives the same prompt on any machine with the same
+tokenizer.
 """
 
 from __future__ import annotations
@@ -119,17 +121,42 @@ def _depth(rng: random.Random, depth: float | None) -> float:
     return rng.random() if depth is None else depth
 
 
+def landmark_garbage(chars: int) -> str:
+    """The first ``chars`` characters of the filler sentence group repeated with spaces (Landmark's
+    ``" ".join([garbage] * 2000)[:n]``: the cut may fall inside a word)."""
+    repeats = chars // (len(NOISE) + 1) + 1
+    return " ".join([NOISE] * repeats)[:chars]
+
+
 def passkey(
-    tokenizer, length: int, rng: random.Random, digits: int = 5, depth: float | None = None, answer_tokens: int = 8
+    tokenizer,
+    length: int,
+    rng: random.Random,
+    digits: int | None = None,
+    depth: float | None = None,
+    answer_tokens: int = 8,
+    garbage: str = "characters",
 ) -> Sample:
-    """Landmark-format passkey retrieval: the key hidden at ``depth`` (0 = start, 1 = end) of filler."""
-    key = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    """Landmark-format passkey retrieval: the key hidden at ``depth`` (0 = start, 1 = end) of filler.
+
+    The key is Landmark's ``randint(1, 50000)`` by default, or an integer of exactly ``digits`` digits.
+    ``garbage="characters"`` cuts the filler by characters as Landmark's script does; ``"sentences"``
+    uses whole filler sentence groups (the format the bundled model was trained on, kept for
+    ``longlab train``)."""
+    low, high = (1, 50000) if digits is None else (10 ** (digits - 1), 10**digits - 1)
+    key = str(rng.randint(low, high))
     depth = _depth(rng, depth)
+    if garbage == "characters":
+        unit = landmark_garbage
+    elif garbage == "sentences":
+        unit = lambda n: " ".join([NOISE] * n)  # noqa: E731
+    else:
+        raise ValueError(f"garbage must be 'characters' or 'sentences', got {garbage!r}")
 
     def build(n: int) -> str:
         before = round(n * depth)
-        parts = [PASSKEY_TASK, " ".join([NOISE] * before), PASSKEY_NEEDLE.format(key=key)]
-        return "\n".join([*parts, " ".join([NOISE] * (n - before)), PASSKEY_QUESTION])
+        needle = PASSKEY_NEEDLE.format(key=key)
+        return "\n".join([PASSKEY_TASK, unit(before), needle, unit(n - before), PASSKEY_QUESTION])
 
     prompt, _ = fit(tokenizer, build, length - answer_tokens)
     return Sample(prompt, [key], {"task": "passkey", "length": length, "depth": depth})
@@ -206,7 +233,9 @@ def _variable(rng: random.Random) -> str:
 
 
 def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 4, answer_tokens: int = 40) -> Sample:
-    """RULER vt: one chain VAR A = value, VAR B = VAR A, ... spread through the noise haystack."""
+    """A variable-tracking training exercise in the style of RULER vt: one chain VAR A = value, VAR B =
+    VAR A, ... spread through the noise haystack (the bundled model's format; the evaluation's exact
+    RULER vt is ``longlab.eval.ruler``)."""
     value = str(rng.randint(10**4, 10**5 - 1))
     names = [_variable(rng) for _ in range(hops + 1)]
     lines = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
@@ -229,7 +258,9 @@ def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 4,
 def common_words(
     tokenizer, length: int, rng: random.Random, top: int = 3, repeats: int = 6, answer_tokens: int = 24
 ) -> Sample:
-    """RULER cwe (scaled down): a numbered word list where ``top`` words appear ``repeats`` times."""
+    """A word-counting training exercise in the style of RULER cwe: a numbered word list, one word a
+    line, where ``top`` words appear ``repeats`` times (the bundled model's format; the evaluation's
+    exact RULER cwe is ``longlab.eval.ruler``)."""
     vocabulary = list(word_list("noun"))
     rng.shuffle(vocabulary)
     common, rare_pool = vocabulary[:top], vocabulary[top:]

@@ -8,9 +8,10 @@ _INTEGER = re.compile(r"\d+")
 
 
 def first_integer_matches(output: str, key: str) -> float:
-    """Passkey score: 1 when the first integer in the output equals the key."""
+    """Passkey score, as Landmark's script: 1 when the first run of digits anywhere in the output,
+    read as an integer, equals the key (so " 007" matches 7; a newline before it does not matter)."""
     found = _INTEGER.search(output)
-    return float(found is not None and found.group() == key)
+    return float(found is not None and int(found.group()) == int(key))
 
 
 def string_match_all(output: str, references: list[str]) -> float:
