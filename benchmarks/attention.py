@@ -7,6 +7,9 @@ Prints, in one run, wall time and peak extra memory at each length for:
 - ``longlab none``     longlab's kernel from unrotated q, k (it rotates them itself)
 - ``longlab rerope``   ReRoPE, window 512 (two segments)
 - ``longlab selfextend`` SelfExtend, group 4, window 512 (two segments)
+- ``longlab string``   STRING at its defaults for L_train = 4096: shift 1351, window 128 (two segments)
+- ``longlab dca``      Dual Chunk Attention at its defaults for L_train = 4096: chunk 2816, local window
+                       256 (three chunk-lag segments)
 - ``naive reference``  softmax(q k^T) v with an explicit (L x L) score matrix, one head at a time
 
 Each (method, length) runs in a fresh process so that peak memory is its own: "extra" is the peak
@@ -14,6 +17,7 @@ resident memory during the call minus the resident memory with the inputs alread
 
     python benchmarks/attention.py                 # L = 2k, 8k, 16k; 8 heads, head dim 64, fp32
     python benchmarks/attention.py --lengths 1024 --repeats 1
+    python benchmarks/attention.py --lengths 16384 --methods "longlab string,longlab dca"
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import subprocess
 import sys
 import time
 
-METHODS = ["sdpa causal", "rope + sdpa", "longlab none", "longlab rerope", "longlab selfextend", "naive reference"]
+METHODS = ["sdpa causal", "rope + sdpa", "longlab none", "longlab rerope", "longlab selfextend", "longlab string",
+           "longlab dca", "naive reference"]  # fmt: skip
 SPECS = {
     "longlab none": "none",
     "longlab rerope": "rerope:window=512",
     "longlab selfextend": "selfextend:group=4,window=512",
+    "longlab string": "string",
+    "longlab dca": "dca",
 }
 
 
@@ -95,10 +102,10 @@ def _measure(method: str, length: int, heads: int, head_dim: int, repeats: int, 
     return {"method": method, "length": length, "seconds": statistics.median(times), "extra_bytes": peak - baseline}
 
 
-def _format_row(length: int, rows: dict) -> str:
+def _format_row(length: int, rows: dict, methods: list[str]) -> str:
     sdpa = rows["sdpa causal"]
     cells = []
-    for method in METHODS:
+    for method in methods:
         r = rows.get(method)
         if r is None:
             cells.append("—")
@@ -116,6 +123,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", help="comma-separated subset of the columns (sdpa causal is always measured)")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,16 +133,23 @@ def main() -> None:
         return
 
     lengths = [int(x) for x in args.lengths.split(",")]
+    methods = METHODS
+    if args.methods:
+        asked = {m.strip() for m in args.methods.split(",")}
+        unknown = asked - set(METHODS)
+        if unknown:
+            parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        methods = [m for m in METHODS if m in asked or m == "sdpa causal"]
     print(
         f"attention, batch 1, {args.heads} heads, head dim {args.head_dim}, fp32, {args.threads} threads, "
         f"median of {args.repeats}; time (ratio to sdpa causal), peak extra memory (ratio to sdpa causal)\n"
     )
-    print("| L | " + " | ".join(METHODS) + " |")
-    print("|---" * (len(METHODS) + 1) + "|")
+    print("| L | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 1) + "|")
     results = []
     for length in lengths:
         rows = {}
-        for method in METHODS:
+        for method in methods:
             options = {"--heads": args.heads, "--head-dim": args.head_dim, "--repeats": args.repeats,
                        "--threads": args.threads}  # fmt: skip
             command = [sys.executable, __file__, "--child", f"{method}@{length}"]
@@ -142,7 +157,7 @@ def main() -> None:
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             rows[method] = json.loads(done.stdout.strip().splitlines()[-1])
             results.append(rows[method])
-        print(_format_row(length, rows), flush=True)
+        print(_format_row(length, rows, methods), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

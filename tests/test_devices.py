@@ -24,7 +24,7 @@ POSITION_SPECS = [
     "none", "linear:factor=4", "ntk:factor=4", "dynamic_ntk:factor=2", "yarn:factor=4", "dynamic_yarn",
     "llama3:factor=8", "longrope:factor=4", "power", "truncation", "rerope:window=20",
     "leaky_rerope:window=16,k=3", "selfextend:group=3,window=16", "lm_infinite:band=32,n_global=4",
-    "sliding:size=40", "yarn:factor=4+logn",
+    "sliding:size=40", "yarn:factor=4+logn", "string:shift=30,window=4", "dca:chunk_size=40,local_window=8",
 ]  # fmt: skip
 
 
@@ -65,6 +65,8 @@ def test_math_backend_equals_cpu_flash_forward_and_backward(causal, masked):
     ("rerope:window=40", "rerope", {"window": 40}),
     ("selfextend:group=4,window=24", "selfextend", {"group": 4, "window": 24}),
     ("lm_infinite:band=40,n_global=5", "lm_infinite", {"band": 40, "n_global": 5, "original_length": 64}),
+    ("string:shift=40,window=8", "string", {"shift": 40, "window": 8}),
+    ("dca:chunk_size=30,local_window=6", "dca", {"chunk_size": 30, "local_window": 6}),
 ])  # fmt: skip
 def test_kernel_on_the_math_backend_matches_reference(monkeypatch, spec, name, params):
     """The whole segmented kernel (plan, merge, backward) run through another backend than the CPU's
@@ -115,6 +117,7 @@ BAND_CASES = [  # a plain segment keeps the plan's single causal call
     ("leaky_rerope:window=32,k=4", "leaky_rerope", {"window": 32, "k": 4.0}),
     ("selfextend:group=4,window=24", "selfextend", {"group": 4, "window": 24}),
     ("sliding:size=30", "sliding", {"size": 30}),
+    ("string:shift=40,window=8", "string", {"shift": 40, "window": 8}),
 ]
 
 

@@ -28,7 +28,14 @@ REMAPS = [
     ("lm_infinite:band=80,n_global=3", "lm_infinite", {"band": 80, "n_global": 3, "original_length": 64}),
     ("sliding:size=30", "sliding", {"size": 30}),
     ("none", "none", {}),
+    ("string:shift=40,window=8", "string", {"shift": 40, "window": 8}),
+    ("string:shift=21,window=0", "string", {"shift": 21, "window": 0}),
+    ("dca:chunk_size=30,local_window=6", "dca", {"chunk_size": 30, "local_window": 6}),
+    ("dca:chunk_size=17,local_window=0", "dca", {"chunk_size": 17, "local_window": 0}),
+    ("dca:chunk_size=48,local_window=47", "dca", {"chunk_size": 48, "local_window": 47}),
 ]
+# methods whose segments depend on the query's own position (decoding and chunked prefill see them)
+TAILS = REMAPS[:5] + REMAPS[8:]
 
 
 def _inputs(batch=2, heads=4, kv_heads=2, length=97, dtype=torch.float64):
@@ -72,7 +79,7 @@ def test_remap_matches_reference_with_gradients(spec, name, params, length, bloc
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-9)
 
 
-@pytest.mark.parametrize("spec,name,params", REMAPS[:5], ids=[r[0] for r in REMAPS[:5]])
+@pytest.mark.parametrize("spec,name,params", TAILS, ids=[r[0] for r in TAILS])
 def test_chunked_prefill_and_decoding(spec, name, params):
     """Queries that are the tail of the keys (chunked prefill, one-token decoding) see the right keys."""
     q, k, v = _inputs(length=150)

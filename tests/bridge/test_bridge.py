@@ -92,6 +92,9 @@ IDENTITIES = [
     "truncation:low=0,high=0.0001",
     "dynamic_ntk",
     "dynamic_yarn",
+    "string:shift=0",
+    "string:shift=50,window=50",
+    "dca:chunk_size=200,local_window=30",
 ]
 
 
@@ -105,8 +108,10 @@ def test_identity_settings_equal_none(spec):
 
 
 @pytest.mark.parametrize(
-    "spec", ["rerope:window=20", "selfextend:group=3,window=16", "lm_infinite:band=32,n_global=4", "sliding:size=40"]
-)
+    "spec",
+    ["rerope:window=20", "selfextend:group=3,window=16", "lm_infinite:band=32,n_global=4", "sliding:size=40",
+     "string:shift=30,window=4", "dca:chunk_size=40,local_window=8"],
+)  # fmt: skip
 def test_remaps_change_logits_past_their_window(spec):
     model = build()
     ids = _ids(length=150)
@@ -118,7 +123,7 @@ def test_remaps_change_logits_past_their_window(spec):
     "spec",
     ["none", "rerope:window=20", "leaky_rerope:window=16,k=3", "selfextend:group=3,window=16",
      "lm_infinite:band=32,n_global=4", "dynamic_ntk:factor=2", "dynamic_yarn", "longrope:factor=4",
-     "yarn:factor=4+logn"],
+     "yarn:factor=4+logn", "string:shift=30,window=4", "dca:chunk_size=24,local_window=4"],
 )  # fmt: skip
 def test_incremental_decoding_equals_full_recompute(spec):
     """Cached unrotated keys + positions give the same next-token logits as recomputing everything.
@@ -169,7 +174,7 @@ def test_methods_lists_every_method_with_kind_and_parameters():
     table = {m["name"]: m for m in longlab.methods()}
     expected = {
         "none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3", "longrope", "power",
-        "truncation", "rerope", "leaky_rerope", "selfextend", "lm_infinite", "sliding", "logn",
+        "truncation", "rerope", "leaky_rerope", "selfextend", "lm_infinite", "sliding", "logn", "string", "dca",
     }  # fmt: skip
     assert expected <= set(table)
     assert table["logn"]["kind"] == "scaling" and table["yarn"]["kind"] == "position"

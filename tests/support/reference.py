@@ -37,6 +37,18 @@ def distances(method: str, q_pos: torch.Tensor, k_pos: torch.Tensor, **p) -> tup
         in_band = d < p["band"]
         visible = visible & (in_band | (j < p["n_global"]))
         rel = torch.where(in_band, d, torch.clamp(d, max=p["original_length"]))
+    elif method == "string":  # An et al. 2024 (STRING), section 4: d below S kept, else d - S + W
+        s, w = p["shift"], p["window"]
+        rel = torch.where(d < s, d, d - s + w)
+    elif method == "dca":  # An et al. 2024 (DCA), section 3.2: M[i][j] = P_q[i] - P_k[j] by chunk lag
+        s, w = p["chunk_size"], p["local_window"]
+        lag = torch.floor(i / s) - torch.floor(j / s)
+        key = torch.remainder(j, s)  # P_k
+        intra = torch.remainder(i, s)  # P_q^Intra
+        successive = torch.clamp(torch.remainder(i, s) + s, max=s + w)  # P_q^Succ
+        inter = torch.full_like(i, float(s + w))  # P_q^Inter
+        query = torch.where(lag == 0, intra, torch.where(lag == 1, successive, inter))
+        rel = query - key
     elif method == "sliding":
         visible = visible & (d < p["size"])
         rel = d

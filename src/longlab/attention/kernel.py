@@ -62,7 +62,7 @@ def segmented_attention(
         block_size is None
         and not plain
         and backend.band_forward is not None
-        and all(s.key_limit is None for s in segments)
+        and all(s.by_distance for s in segments)  # bands are distance ranges
         and band.is_contiguous(q_pos, k_pos, key_valid)
     ):
         schedule = band.pieces(tq, tk, segments)

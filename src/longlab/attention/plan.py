@@ -9,6 +9,9 @@ sequence so that in prefill each block's diagonal tile is exactly its square. Fo
 - causal: the diagonal square where only causality cuts: the kernel's own ``is_causal``;
 - mask:   anything else: an explicit additive mask of (block x run) built from positions.
 
+A segment's key limit and chunk lags (Dual Chunk Attention) are bounded the same way, from the
+block's and tile's extreme positions.
+
 Consecutive tiles with the same mode become one run, so a long prefix costs one call per chunk.
 Bounds are taken over all rows of the batch (conservative: a looser bound only turns "full" or
 "skip" into "mask", which is still exact). The bounds are computed where the positions live and
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longlab.positions.segments import Segment
+from longlab.positions.segments import Segment, chunk_of
 
 SKIP, FULL, MASK, CAUSAL = 0, 1, 2, 3
 _BIG = torch.iinfo(torch.int64).max // 4
@@ -120,16 +123,26 @@ def classify(layout: Layout, segment: Segment) -> torch.Tensor:
     if segment.key_limit is not None:
         skip |= (layout.k_min >= segment.key_limit)[None, :]
         inside &= (layout.k_max < segment.key_limit)[None, :]
+    chunks_inside = None
+    if segment.chunk is not None:  # chunk lags are monotone in the positions: bounds from the extremes
+        lag_lo = chunk_of(layout.q_min, segment.chunk)[:, None] - chunk_of(layout.k_max, segment.chunk)[None, :]
+        lag_hi = chunk_of(layout.q_max, segment.chunk)[:, None] - chunk_of(layout.k_min, segment.chunk)[None, :]
+        skip |= (lag_hi < segment.min_chunk_lag) | (lag_lo >= segment.max_chunk_lag)
+        chunks_inside = (lag_lo >= segment.min_chunk_lag) & (lag_hi < segment.max_chunk_lag)
+        inside &= chunks_inside
     modes = torch.full(skip.shape, MASK, dtype=torch.int8, device="cpu")
     modes[inside] = FULL
     # The diagonal square is "causal" when only causality cuts it: the segment starts at distance 0,
-    # reaches past the block, and the block's positions match its keys (no padding, no key limit).
+    # reaches past the block, and the block's positions match its keys (no padding, no key limit, the
+    # whole square in one admitted chunk lag).
     if lo == 0 and layout.n_tiles >= layout.n_blocks:
         rows = torch.arange(layout.n_blocks, device="cpu")
         cols = rows + layout.n_tiles - layout.n_blocks
         ok = layout.block_aligned & (d_hi[rows, cols] < hi) & layout.tile_all_valid[cols]
         if segment.key_limit is not None:
             ok &= layout.k_max[cols] < segment.key_limit
+        if chunks_inside is not None:
+            ok &= chunks_inside[rows, cols]
         ok &= modes[rows, cols] == MASK
         modes[rows[ok], cols[ok]] = CAUSAL
     modes[skip] = SKIP

@@ -4,6 +4,7 @@ Importing this package registers every method under its spec name.
 """
 
 from longlab.positions import (  # noqa: F401  (imported to register the methods)
+    dca,
     giraffe,
     interpolation,
     llama3,
@@ -15,6 +16,7 @@ from longlab.positions import (  # noqa: F401  (imported to register the methods
     rerope,
     selfextend,
     sliding,
+    string_rope,
     yarn,
 )
 from longlab.positions.base import PositionMethod, ScalingMethod
