@@ -143,6 +143,33 @@ def test_scores_follow_the_dataset(tmp_path, tokenizer):
     assert score("hotpotqa", "Paris\nFrance", ["Paris France"]) == 100
 
 
+class _Scripted:
+    """A model whose generate() writes a fixed continuation a token at a time, honouring the stopping
+    criteria as transformers does."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, continuation: list[int]):
+        self.continuation = continuation
+
+    def generate(self, ids, max_new_tokens, stopping_criteria, **kwargs):
+        for token in self.continuation[:max_new_tokens]:
+            ids = torch.cat([ids, torch.full((ids.shape[0], 1), token)], dim=1)
+            if bool(stopping_criteria(ids, None).all()):
+                break
+        return ids
+
+
+def test_first_line_generation_reads_past_leading_newlines(tokenizer):
+    from longlab.eval.generation import generate_answers
+
+    continuation = tokenizer("\n\nParis\nQuestion: next", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("Answer:", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert generate_answers(_Scripted(continuation), tokenizer, [prompt], 32) == ["Paris"]
+    assert generate_answers(_Scripted(continuation), tokenizer, [prompt], 32, first_line=False) == [
+        "\n\nParis\nQuestion: next"]  # fmt: skip
+
+
 # -- malformed files ----------------------------------------------------------------------------------
 
 
@@ -218,3 +245,14 @@ def test_a_jsonl_cell_runs_through_the_runner(tmp_path):
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["task"] for r in results] == ["jsonl/passage_retrieval_en"] * 2
     assert all(0 <= r["score"] <= 100 and r["prompt_tokens"] <= 256 - 32 + 2 for r in results)
+
+
+def test_two_files_of_one_name_are_refused_rather_than_merged(tmp_path):
+    from longlab.errors import LonglabError
+    from longlab.eval.runner import EvalConfig, run
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    tasks = [f"jsonl:path={_file(folder, 'qasper', [ROW])}" for folder in (first, second)]
+    with pytest.raises(LonglabError, match="would both report as 'jsonl/qasper'"):
+        run(EvalConfig(out=str(tmp_path / "out"), methods=["none"], tasks=tasks, lengths=[256], samples=1))

@@ -34,13 +34,14 @@ def encode(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
 
 
 class _Newline(StoppingCriteria):
-    """Stop once every row's answer has reached a newline (the answer's natural end)."""
+    """Stop once every row's answer has a newline after its first line (the answer's natural end);
+    newlines before any text do not count, as LongBench strips them before taking the first line."""
 
     def __init__(self, tokenizer, prompt_width: int):
         self.tokenizer, self.width = tokenizer, prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = ["\n" in self.tokenizer.decode(row[self.width :]) for row in input_ids]
+        done = ["\n" in self.tokenizer.decode(row[self.width :]).lstrip("\n") for row in input_ids]
         return torch.tensor(done, device=input_ids.device)
 
 
@@ -64,7 +65,7 @@ def generate_answers(
         stopping_criteria=StoppingCriteriaList([_Newline(tokenizer, width)] if first_line else []),
     )  # fmt: skip
     answers = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
-    return [answer.split("\n")[0] for answer in answers] if first_line else answers
+    return [answer.lstrip("\n").split("\n")[0] for answer in answers] if first_line else answers
 
 
 @torch.no_grad()

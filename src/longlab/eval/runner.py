@@ -299,7 +299,12 @@ def _run(config, compositions, methods, tasks, lengths, ranks, device, dtype_nam
                 for length in lengths:
                     fingerprint = results.fingerprint(method, task.identity() + subtask[len(task.name) :], length)
                     cell = Cell(method, task, subtask, task.labelled(subtask), length, count, fingerprint)
-                    cells.setdefault((method, cell.label, length), cell)
+                    same = cells.setdefault((method, cell.label, length), cell)
+                    if same.fingerprint != fingerprint:
+                        raise LonglabError(
+                            f"tasks {same.task.spec()!r} and {task.spec()!r} would both report as {cell.label!r}; "
+                            "rename one file or run them into different --out folders"
+                        )
     held_out = HeldOut(tokenizer)
 
     # every prompt is built before any work

@@ -67,6 +67,8 @@ class Task:
     default_samples: ClassVar[int] = 10  # per (subtask, length) cell; per depth for niah
     # parameters that only choose which subtasks run (ruler's ``subtasks``): no part of a result's identity
     selectors: ClassVar[tuple[str, ...]] = ()
+    # parameters that change results but are named by the subtask already (jsonl's path: jsonl/qasper)
+    unlabelled: ClassVar[tuple[str, ...]] = ()
 
     def params(self) -> dict[str, Any]:
         """Parameters that differ from their defaults, by spec name, in declaration order."""
@@ -91,7 +93,8 @@ class Task:
         """The task's name in results and reports: ``passkey``, or ``passkey[digits=7]`` with the
         parameters that change a result, so two parameterisations in one run stay apart. Long values
         are shortened with a digest of the whole value, so labels stay distinct."""
-        params = {k: v for k, v in self.params().items() if k not in self.selectors}
+        hidden = self.selectors + self.unlabelled
+        params = {k: v for k, v in self.params().items() if k not in hidden}
         if not params:
             return self.name
         return f"{self.name}[{','.join(f'{k}={_short(_format(v))}' for k, v in params.items())}]"

@@ -55,6 +55,7 @@ class Jsonl(Task):
     line and qa_f1. The whole prompt is cut in the middle to fit, as LongBench does."""
 
     name = "jsonl"
+    unlabelled = ("path",)
     max_new_tokens = GENERIC_NEW_TOKENS
     default_samples = 20
     path: str = ""
