@@ -60,7 +60,7 @@ def test_dca_defaults_follow_the_official_code():
         ("string:shift=-1", "'shift' must be an integer >= 0"),
         ("string:window=1.5", "'window' must be an integer"),
         ("string:shift=20,window=30", "'window' must be <= 'shift', got 30 and 20"),
-        ("string:attention_factor=0", "'attention_factor' must be a number > 0"),
+        ("string:attention_factor=0", "'attention_factor' must be a number > 0 and <= 10"),
         ("dca:chunk_size=0", "'chunk_size' must be an integer >= 1"),
         ("dca:local_window=-2", "'local_window' must be an integer >= 0"),
         ("dca:chunk_size=10,local_window=10", "'local_window' must be < 'chunk_size', got 10 and 10"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from longlab.method import check_order, check_original_length, check_range, register
+from longlab.method import MAX_ATTENTION_FACTOR, check_order, check_original_length, check_range, register
 from longlab.positions.base import PositionMethod
 from longlab.positions.rope import FrequencyTable, RopeConfig
 from longlab.positions.segments import Affine, Segment
@@ -41,7 +41,8 @@ class String(PositionMethod):
         check_range(self.name, "shift", self.shift, low=0, integer=True)
         check_range(self.name, "window", self.window, low=0, integer=True)
         check_order(self.name, "window", self.window, "shift", self.shift, strict=False)
-        check_range(self.name, "attention_factor", self.attention_factor, low=0, low_open=True)
+        check_range(self.name, "attention_factor", self.attention_factor, low=0, low_open=True,
+                    high=MAX_ATTENTION_FACTOR)  # fmt: skip
         check_original_length(self)
 
     def resolve(self, rope: RopeConfig) -> String:
