@@ -256,3 +256,24 @@ def test_two_files_of_one_name_are_refused_rather_than_merged(tmp_path):
     tasks = [f"jsonl:path={_file(folder, 'qasper', [ROW])}" for folder in (first, second)]
     with pytest.raises(LonglabError, match="would both report as 'jsonl/qasper'"):
         run(EvalConfig(out=str(tmp_path / "out"), methods=["none"], tasks=tasks, lengths=[256], samples=1))
+
+
+def test_a_folder_refuses_another_file_of_the_same_name_or_an_edited_file(tmp_path):
+    from longlab.errors import LonglabError
+    from longlab.eval.runner import EvalConfig, run
+
+    path = _file(tmp_path, "qasper", [ROW])
+    out = tmp_path / "out"
+    config = EvalConfig(out=str(out), methods=["none"], tasks=[f"jsonl:path={path}"], lengths=[256], samples=1)
+    run(config)
+    run(config)  # the same file resumes: nothing to do, nothing appended
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    _file(tmp_path, "qasper", [{**ROW, "answers": ["red"]}])
+    with pytest.raises(LonglabError, match=r"'jsonl/qasper' results .* of another task configuration"):
+        run(config)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = EvalConfig(out=str(out), methods=["none"], tasks=[f"jsonl:path={_file(elsewhere, 'qasper', [ROW])}"],
+                       lengths=[256], samples=1)  # fmt: skip
+    with pytest.raises(LonglabError, match="of another task configuration"):
+        run(other)

@@ -205,6 +205,17 @@ class Results:
                     "rerun with the folder's settings to resume it, or use a fresh --out"
                 )
         self.done: set[tuple] = {row_key(r) for r in rows}
+        self.cells: dict[tuple, str] = {(r["method"], r["task"], r["length"]): r["fingerprint"] for r in rows}
+
+    def check_cell(self, method: str, label: str, length: int, fingerprint: str) -> None:
+        """Refuse a cell whose label the folder already holds from another task configuration (a jsonl
+        file of the same name elsewhere, or edited since): its rows would be summarised as one."""
+        earlier = self.cells.get((method, label, length), fingerprint)
+        if earlier != fingerprint:
+            raise LonglabError(
+                f"{self.folder} holds {label!r} results (method {method!r}, length {length}) of another task "
+                "configuration (another file of that name, or the file changed since); use a fresh --out"
+            )
 
     def fingerprint(self, method: str, task: str, length: int) -> str:
         return self.identity.fingerprint(method, task, length)

@@ -299,6 +299,7 @@ def _run(config, compositions, methods, tasks, lengths, ranks, device, dtype_nam
                 for length in lengths:
                     fingerprint = results.fingerprint(method, task.identity() + subtask[len(task.name) :], length)
                     cell = Cell(method, task, subtask, task.labelled(subtask), length, count, fingerprint)
+                    results.check_cell(method, cell.label, length, fingerprint)
                     same = cells.setdefault((method, cell.label, length), cell)
                     if same.fingerprint != fingerprint:
                         raise LonglabError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import re
 import string
@@ -78,6 +79,14 @@ class Jsonl(Task):
             raise SpecError(f"jsonl: parameter 'max_new_tokens' must be at least 1, got {self.new_tokens_}")
         if "context" not in _template_fields(self.chosen_template()):
             raise SpecError("jsonl: parameter 'template' must contain {context}")
+
+    def identity(self) -> str:
+        """The spec plus a digest of the file's contents: an edited file is another task."""
+        return f"{super().identity()},content={self.content_digest}"
+
+    @functools.cached_property
+    def content_digest(self) -> str:
+        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
 
     # -- what the dataset decides -----------------------------------------------------------------
 
