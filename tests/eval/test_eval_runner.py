@@ -11,6 +11,7 @@ import longlab
 from longlab.eval import runner
 from longlab.eval.results import Results
 from longlab.eval.runner import EvalConfig, run
+from longlab.eval.tasks import parse_task
 
 SMALL = dict(
     methods=["none", "rerope:window=64"],
@@ -123,8 +124,6 @@ def test_lengths_parse_with_k_suffix():
 def test_jsonl_task_truncates_in_the_middle_and_scores_with_the_dataset_metric(tmp_path):
     from transformers import AutoTokenizer
 
-    from longlab.eval.tasks import parse_task
-
     data = tmp_path / "qasper.jsonl"
     row = {"input": "What colour is the sky?", "context": "start " + "filler " * 2000 + "end",
            "answers": ["blue"], "all_classes": None, "length": 2000}  # fmt: skip
@@ -160,3 +159,23 @@ def test_torchrun_splits_cells_across_processes_into_the_same_summary(tmp_path):
     assert {json.loads(line)["rank"] for line in (split / "runs.jsonl").read_text().splitlines()} == {0, 1}
     assert {r["cell"] for r in rows} == {0, 1, 2, 3} and all(r["dtype"] == "float32" for r in rows)
     assert (split / "summary.json").read_bytes() == (single / "summary.json").read_bytes()
+
+
+def test_chat_prompts_fit_the_length_with_the_template_around_them():
+    from transformers import AutoTokenizer
+
+    from longlab.eval.generation import encode
+    from longlab.eval.runner import Cell, _prepare_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(longlab.model_path("tiny"))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|system|> You are a careful assistant who answers briefly.\n"
+        "<|user|> {{ m['content'] }}\n{% endfor %}<|assistant|>"
+    )
+    tasks = [parse_task("passkey"), parse_task("niah:depths=2")]
+    cells = [Cell("none", task, task.name, task.label(), 300, 2, task.name) for task in tasks]
+    prepared = _prepare_samples(cells, tokenizer, seed=0, chat=True, show=False)
+    for cell in cells:
+        for sample in prepared[cell.label, 300]:
+            wrapped = encode(tokenizer, sample.prompt, chat=True).shape[1]
+            assert wrapped + cell.task.new_tokens(cell.subtask) <= 300, (cell.label, wrapped)

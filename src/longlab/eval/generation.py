@@ -33,6 +33,12 @@ def encode(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
 
+def chat_overhead(tokenizer) -> int:
+    """Tokens the chat template adds around a prompt (the difference between an empty message
+    wrapped and bare), so prompts can be sized to leave room for it."""
+    return encode(tokenizer, "", chat=True).shape[1] - encode(tokenizer, "").shape[1]
+
+
 class _Newline(StoppingCriteria):
     """Stop once every row's answer has a newline after its first line (the answer's natural end);
     newlines before any text do not count, as LongBench strips them before taking the first line."""

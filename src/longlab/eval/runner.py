@@ -33,7 +33,7 @@ from longlab.bridge import apply, reset
 from longlab.data.synthetic import Sample
 from longlab.errors import LonglabError
 from longlab.eval import memory
-from longlab.eval.generation import check_chat_template
+from longlab.eval.generation import chat_overhead, check_chat_template
 from longlab.eval.results import FolderLock, Identity, Results, prepare_folder, repair
 from longlab.eval.tasks import CellContext, HeldOut, Task, parse_task
 from longlab.loading import checkpoint, load, resolve_device
@@ -309,7 +309,7 @@ def _run(config, compositions, methods, tasks, lengths, ranks, device, dtype_nam
     held_out = HeldOut(tokenizer)
 
     # every prompt is built before any work
-    prepared = _prepare_samples(list(cells.values()), tokenizer, config.seed, show=ranks.rank == 0)
+    prepared = _prepare_samples(list(cells.values()), tokenizer, config.seed, config.chat, show=ranks.rank == 0)
     mine = [(index, cell) for index, cell in enumerate(cells.values()) if index % ranks.world == ranks.rank]
     total = sum(cell.task.cell_size(cell.count) for _, cell in mine)
     overall = tqdm(total=total, desc="eval" if ranks.world == 1 else f"eval rank {ranks.rank}", unit="sample")
@@ -352,16 +352,22 @@ def _run(config, compositions, methods, tasks, lengths, ranks, device, dtype_nam
     return train_length
 
 
-def _prepare_samples(cells: list[Cell], tokenizer, seed: int, show: bool = True) -> dict[tuple[str, int], list[Sample]]:
+def _prepare_samples(
+    cells: list[Cell], tokenizer, seed: int, chat: bool = False, show: bool = True
+) -> dict[tuple[str, int], list[Sample]]:
     """Build every generation prompt up front, so a length a task cannot fit fails before any work;
-    a progress bar shows it (long RULER runs spend a minute here)."""
+    a progress bar shows it (long RULER runs spend a minute here). With ``chat`` the prompts of tasks
+    that use the chat template are built shorter by the template's own tokens, so the wrapped prompt
+    still fits the length."""
     prepared = {}
+    overhead = chat_overhead(tokenizer) if chat else 0
     wanted = list(dict.fromkeys((c.label, c.length) for c in cells if c.task.kind == "generation"))
     by_key = {(c.label, c.length): c for c in cells}
     for key in tqdm(wanted, desc="preparing prompts", unit="cell", disable=not show or not wanted):
         cell = by_key[key]
         try:
-            prepared[key] = cell.task.samples(cell.subtask, tokenizer, cell.length, cell.count, seed)
+            room = cell.length - (overhead if cell.task.uses_chat(cell.subtask) else 0)
+            prepared[key] = cell.task.samples(cell.subtask, tokenizer, room, cell.count, seed)
         except ValueError as error:
             raise LonglabError(f"task {cell.label!r} at length {cell.length}: {error}") from None
     return prepared
