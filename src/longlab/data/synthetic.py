@@ -90,7 +90,8 @@ def random_value(rng: random.Random, kind: str) -> str:
     raise ValueError(f"value kind must be numbers, uuids or words, got {kind!r}")
 
 
-def _count(tokenizer, text: str) -> int:
+def token_count(tokenizer, text: str) -> int:
+    """Tokens of ``text`` as prompts are encoded (no special tokens)."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -100,17 +101,17 @@ def fit(tokenizer, build: Callable[[int], str], budget: int) -> tuple[str, int]:
     Token counts grow with n (not always evenly: prose sentences differ in length), so a linear
     estimate brackets n and a bisection settles it in a few tokenizations.
     """
-    base, one = _count(tokenizer, build(0)), _count(tokenizer, build(1))
+    base, one = token_count(tokenizer, build(0)), token_count(tokenizer, build(1))
     if base > budget:
         raise ValueError(f"a length of {budget} tokens cannot hold even the template ({base} tokens)")
     if one > budget:
         return build(0), 0
     low, high = 1, max(2, 2 * (budget - base) // max(one - base, 1) + 2)
-    while _count(tokenizer, build(high)) <= budget:  # make sure `high` is past the budget
+    while token_count(tokenizer, build(high)) <= budget:  # make sure `high` is past the budget
         low, high = high, high * 2
     while high - low > 1:  # invariant: build(low) fits, build(high) does not
         middle = (low + high) // 2
-        if _count(tokenizer, build(middle)) <= budget:
+        if token_count(tokenizer, build(middle)) <= budget:
             low = middle
         else:
             high = middle

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from longlab.data import synthetic
 from longlab.data.haystack import filler
-from longlab.data.synthetic import NOISE, Sample
+from longlab.data.synthetic import NOISE, Sample, token_count
 from longlab.eval.scoring import string_match_all
 
 
@@ -88,10 +88,6 @@ def score(name: str, prediction: str, references: list[str]) -> float:
     return METRIC[name](postprocess(prediction), references)
 
 
-def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _fit(
     tokenizer, build: Callable[[int], str], length: int, answer_tokens: int, name: str, least: int, most: int | None
 ) -> tuple[str, int]:
@@ -100,7 +96,7 @@ def _fit(
     A length that cannot hold ``build(least)`` -- the smallest prompt RULER would build -- raises a
     ValueError naming the length the task needs."""
     budget = length - answer_tokens
-    smallest = _count(tokenizer, build(least))
+    smallest = token_count(tokenizer, build(least))
     if smallest > budget:
         raise ValueError(
             f"RULER {name} needs at least {smallest + answer_tokens} tokens here ({smallest} for its smallest "
@@ -112,13 +108,13 @@ def _fit(
         probe = low + step if most is None else min(low + step, most)
         if probe == low:
             return build(low), low
-        if _count(tokenizer, build(probe)) <= budget:
+        if token_count(tokenizer, build(probe)) <= budget:
             low, step = probe, step * 2
         else:
             high = probe
     while high - low > 1:
         middle = (low + high) // 2
-        if _count(tokenizer, build(middle)) <= budget:
+        if token_count(tokenizer, build(middle)) <= budget:
             low = middle
         else:
             high = middle
