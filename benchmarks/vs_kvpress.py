@@ -69,7 +69,7 @@ def _measure(implementation: str, method: str, ratio: float, args) -> dict:
     import longlab
     from longlab.data.synthetic import passkey
     from longlab.eval import memory
-    from longlab.eval.generation import encode
+    from longlab.generation import encode
 
     torch.set_num_threads(args.threads)
     model, tokenizer = longlab.load("tiny")

@@ -19,7 +19,10 @@ LAYERS = [
     ["positions"],  # RoPE tables, segments, position methods
     ["attention"],  # the segmented kernel and its device backends
     ["cache"],  # KV cache layers and policies
-    ["spec", "data", "loading"],  # the spec language over all methods; shared data; checkpoint loading
+    ["prefill"],  # sparse prefill: approximate attention over long prompts
+    ["data", "loading", "generation"],  # shared data; checkpoint loading; greedy answers through any model
+    ["context"],  # context processing: the input is changed, not the model
+    ["spec"],  # the spec language over all methods
     ["bridge"],  # apply / reset / describe on a transformers model
     ["parallel"],  # sequence parallelism over a patched model
     ["eval"],  # tasks, metrics, runner, reports

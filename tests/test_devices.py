@@ -398,7 +398,8 @@ def test_memory_helpers_on_cuda_read_the_allocator():
 
 @pytest.mark.parametrize("spec", [None, "selfextend:group=4,window=64+snapkv:budget=200"])
 def test_generation_helpers_create_no_tensor_off_the_models_device(strict_device, spec):
-    from longlab.eval.generation import generate_answers, token_losses
+    from longlab.eval.generation import token_losses
+    from longlab.generation import generate_answers
 
     model, tokenizer = longlab.load("tiny")
     if spec:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 from longlab.errors import SpecError
 
-KINDS = ("position", "scaling", "cache")
+KINDS = ("position", "scaling", "cache", "prefill", "context")
 
 REGISTRY: dict[str, type[Method]] = {}
 

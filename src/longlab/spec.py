@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import longlab.cache.policies
+import longlab.context
 import longlab.positions  # noqa: F401  (registers the methods)
 from longlab.errors import SpecError
 from longlab.method import KINDS, REGISTRY, Method, check_finite, field_types
@@ -182,6 +183,16 @@ class Composition:
     def cache(self) -> Method | None:
         return self.of_kind("cache")
 
+    @property
+    def prefill(self) -> Method | None:
+        """The sparse prefill method (attention over long prompts approximated), if any."""
+        return self.of_kind("prefill")
+
+    @property
+    def context(self) -> Method | None:
+        """The context-processing method (the input is changed, not the model), if any."""
+        return self.of_kind("context")
+
     def resolve(self, rope: Any) -> Composition:
         """Every method with its model-derived defaults filled (``Method.resolve``)."""
         return Composition(tuple(m.resolve(rope) for m in self.methods))
@@ -203,7 +214,8 @@ def methods() -> list[dict[str, Any]]:
     for name, cls in sorted(REGISTRY.items(), key=lambda item: (KINDS.index(item[1].kind), item[0])):
         params = {}
         for f in dataclasses.fields(cls):
-            unset = "from model" if cls.kind != "cache" else "unset"  # cache policies take nothing from the model
+            # only position and scaling methods take defaults from the model
+            unset = "from model" if cls.kind in ("position", "scaling") else "unset"
             default = "required" if _required(f) else (unset if f.default is None else f.default)
             params[f.name] = {"type": _type_name(field_types(cls)[f.name]), "default": default}
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())

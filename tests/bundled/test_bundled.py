@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 import longlab
 from longlab.bundled.train import tokenize_split, windows
 from longlab.data import synthetic
-from longlab.eval.generation import encode, generate_answers
 from longlab.eval.quick import position_losses, retrieval_accuracy
 from longlab.eval.scoring import first_integer_matches, string_match_all
+from longlab.generation import encode, generate_answers
 
 PATH = longlab.model_path("tiny")
 

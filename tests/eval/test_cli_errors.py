@@ -77,7 +77,7 @@ def test_chat_without_a_chat_template_fails_before_work(tmp_path, capsys):
 def test_chat_encoding_gives_token_ids():
     from transformers import AutoTokenizer
 
-    from longlab.eval.generation import encode
+    from longlab.generation import encode
 
     tokenizer = AutoTokenizer.from_pretrained(longlab.model_path("tiny"))
     tokenizer.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"

@@ -164,8 +164,8 @@ def test_torchrun_splits_cells_across_processes_into_the_same_summary(tmp_path):
 def test_chat_prompts_fit_the_length_with_the_template_around_them():
     from transformers import AutoTokenizer
 
-    from longlab.eval.generation import encode
     from longlab.eval.runner import Cell, _prepare_samples
+    from longlab.generation import encode
 
     tokenizer = AutoTokenizer.from_pretrained(longlab.model_path("tiny"))
     tokenizer.chat_template = (

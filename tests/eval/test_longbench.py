@@ -161,7 +161,7 @@ class _Scripted:
 
 
 def test_first_line_generation_reads_past_leading_newlines(tokenizer):
-    from longlab.eval.generation import generate_answers
+    from longlab.generation import generate_answers
 
     continuation = tokenizer("\n\nParis\nQuestion: next", add_special_tokens=False)["input_ids"]
     prompt = tokenizer("Answer:", return_tensors="pt", add_special_tokens=False)["input_ids"]

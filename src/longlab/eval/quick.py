@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 
 from longlab.data.synthetic import Sample
-from longlab.eval.generation import encode, generate_answers, token_losses
+from longlab.eval.generation import token_losses
+from longlab.generation import encode, generate_answers
 
 
 def retrieval_accuracy(

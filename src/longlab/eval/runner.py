@@ -33,9 +33,9 @@ from longlab.bridge import apply, reset
 from longlab.data.synthetic import Sample
 from longlab.errors import LonglabError
 from longlab.eval import memory
-from longlab.eval.generation import chat_overhead, check_chat_template
 from longlab.eval.results import FolderLock, Identity, Results, prepare_folder, repair
 from longlab.eval.tasks import CellContext, HeldOut, Task, parse_task
+from longlab.generation import chat_overhead, check_chat_template
 from longlab.loading import checkpoint, load, resolve_device
 from longlab.positions import RopeConfig
 from longlab.spec import Composition, compose

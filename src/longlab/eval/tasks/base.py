@@ -13,7 +13,8 @@ import numpy as np
 
 from longlab.data.synthetic import Sample
 from longlab.errors import SpecError
-from longlab.eval.generation import encode, generate_answers, held_out_tokens
+from longlab.eval.generation import held_out_tokens
+from longlab.generation import encode, generate_answers
 from longlab.method import field_types
 from longlab.spec import closest, convert, split_part
 

@@ -1,0 +1,7 @@
+"""Context processing (method kind ``context``): read a long input with a short model by changing the
+input rather than the model -- retrieval, chunk-and-combine chains, parallel context windows, NBCE,
+prompt compression. Importing this package registers the methods under their spec names."""
+
+from longlab.context.base import ContextMethod, ContextQuery
+
+__all__ = ["ContextMethod", "ContextQuery"]

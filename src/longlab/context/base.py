@@ -1,0 +1,43 @@
+"""The interface every context method implements.
+
+A task's prompt is three texts: the task's instruction, the long context, and the question (with the
+answer prefix) that follows it. Extension and cache methods see the prompt whole; a context method
+sees the three parts and decides what the model reads -- the chunks it retrieves, one call per chunk,
+a compressed context -- then returns the answers. The model it is given is already ``longlab.apply``'d
+with the rest of the composition (``rag:top_k=4+yarn:factor=2``), so context methods compose with
+position and cache methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from longlab.method import Method
+
+
+@dataclass(frozen=True)
+class ContextQuery:
+    """One sample's prompt, split: ``instruction + context + question`` is the whole prompt."""
+
+    instruction: str
+    context: str
+    question: str
+
+    @property
+    def prompt(self) -> str:
+        return self.instruction + self.context + self.question
+
+
+@dataclass(frozen=True)
+class ContextMethod(Method):
+    """A context method. Subclasses are registered frozen dataclasses (``longlab.method.register``)."""
+
+    kind = "context"
+
+    def answer(
+        self, model: Any, tokenizer: Any, queries: list[ContextQuery], new_tokens: int, first_line: bool
+    ) -> list[str]:
+        """Greedy answers, one per query, as ``longlab.generation.generate_answers`` returns them
+        for whole prompts (``first_line``: only the answer's first line)."""
+        raise NotImplementedError
