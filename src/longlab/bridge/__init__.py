@@ -1,6 +1,7 @@
 """The bridge to transformers: ``apply`` / ``reset`` / ``describe`` patch a loaded model so that
 longlab computes its attention, and chunked prefill feeds long prompts to its cache."""
 
+from longlab.bridge import heads  # noqa: F401  (registers apply's preparation of head-aware policies)
 from longlab.bridge.patch import (
     SUPPORTED_FAMILIES,
     active_methods,

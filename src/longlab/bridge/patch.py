@@ -86,6 +86,12 @@ def _not_patched(module, *args, **kwargs):
     )
 
 
+# Steps that prepare a cache policy with the model before it is patched, e.g. the head scores of the
+# head-aware policies (longlab.bridge.heads registers its step): each takes (model, policy) and returns
+# the policy to install. They may run the model, patched with other methods, so they run before ``apply``
+# patches it.
+PREPARE: list[Callable[[torch.nn.Module, CachePolicy | None], CachePolicy | None]] = []
+
 AttentionInterface.register(IMPLEMENTATION, _not_patched)
 AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
 
@@ -173,6 +179,8 @@ def apply(model: torch.nn.Module, spec: str | Method | Composition = "none", **p
     position, scaling, cache = methods.position, methods.scaling, methods.cache
     if is_applied(model):
         reset(model)
+    for step in PREPARE:
+        cache = step(model, cache)
     patch = Patch(position, scaling, cache, rope, model.config._attn_implementation)
     patch.device_check = model.register_forward_pre_hook(_check_input_devices, with_kwargs=True)
     model.set_attn_implementation(IMPLEMENTATION)

@@ -123,24 +123,31 @@ class LonglabLayer(CacheLayerMixin):
             attend_q_pos, k_pos = self.policy.attention_positions(q_pos, k_pos, key_valid)
         else:
             attend_q_pos = q_pos
-        if bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
-            out = attend(q, keys, values, attend_q_pos, k_pos[:, 0], key_valid[:, 0])
+        # a policy may place the queries per KV head (B, Hk, Tq): DuoAttention's streaming heads at cache slots
+        same_q = attend_q_pos.dim() == 2 or bool((attend_q_pos == attend_q_pos[:, :1]).all())
+        if same_q and bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
+            shared_q = attend_q_pos if attend_q_pos.dim() == 2 else attend_q_pos[:, 0]
+            out = attend(q, keys, values, shared_q, k_pos[:, 0], key_valid[:, 0])
         else:  # heads hold different tokens: fold KV heads into the batch, each with its query group
             b, hq, t, d = q.shape
             hk = keys.shape[1]
+            per_head_q = attend_q_pos.reshape(b * hk, t) if attend_q_pos.dim() == 3 else None
             out = attend(
                 q.reshape(b * hk, hq // hk, t, d),
                 keys.reshape(b * hk, 1, -1, d),
                 values.reshape(b * hk, 1, -1, d),
-                attend_q_pos.repeat_interleave(hk, dim=0),
+                attend_q_pos.repeat_interleave(hk, dim=0) if per_head_q is None else per_head_q,
                 k_pos.reshape(b * hk, -1),
                 key_valid.reshape(b * hk, -1),
             ).view(b, hq, t, d)
         del keys, values
         table = scoring.table(int(attend_q_pos.max()) + 1)
+        ctx = ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale, scoring.layer_idx,
+                           scoring.n_layers)  # fmt: skip
+        if self.policy is not None:
+            out = self.policy.reweight(ctx, out, attend_q_pos, k_pos, key_valid)
         with torch.no_grad():  # what to evict is a decision, not a function to differentiate
-            self.compress(ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale,
-                                       scoring.layer_idx, scoring.n_layers))  # fmt: skip
+            self.compress(ctx)
         return out
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,9 +190,13 @@ def layer_for(cache: Any, layer_idx: int, policy: CachePolicy | None, sliding_wi
                 f"cache layer {layer_idx} holds {layer.get_seq_length()} keys written before longlab.apply "
                 "(rotated, without positions); start generation with a fresh cache"
             )
-        layers[layer_idx] = LonglabLayer(policy, sliding_window)
+        layers[layer_idx] = LonglabLayer(_layer_policy(policy, layer_idx), sliding_window)
     elif layer_idx == len(layers):
-        layers.append(LonglabLayer(policy, sliding_window))
+        layers.append(LonglabLayer(_layer_policy(policy, layer_idx), sliding_window))
     else:
         raise LonglabError(f"cache layer {layer_idx} written before layer {len(layers)}")
     return layers[layer_idx]
+
+
+def _layer_policy(policy: CachePolicy | None, layer_idx: int) -> CachePolicy | None:
+    return None if policy is None else policy.for_layer(layer_idx)

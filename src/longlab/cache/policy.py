@@ -98,6 +98,18 @@ class CachePolicy(Method):
     def check_chunk(self) -> None:
         check_range(self.name, "chunk", self.chunk, low=1, integer=True)
 
+    def for_layer(self, layer_idx: int) -> CachePolicy:
+        """The policy a cache layer holds: itself, or a copy with what is specific to layer
+        ``layer_idx`` (head-aware policies: that layer's retrieval heads)."""
+        return self
+
+    def reweight(self, ctx: ScoreContext, out: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                 key_valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The attention output (B, Hq, Tq, d) after attending over the held entries at the positions
+        of :meth:`attention_positions`; a policy whose entries stand for several tokens
+        (RazorAttention's compensation token) corrects it here. Unchanged by default."""
+        return out
+
     def new_fields(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Extra per-entry fields for new tokens (H2O's accumulated attention); none by default."""
         return {}
@@ -109,8 +121,9 @@ class CachePolicy(Method):
     def attention_positions(
         self, q_pos: torch.Tensor, k_pos: torch.Tensor, key_valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The positions attention rotates at: q_pos (B, Tq), k_pos (B, Hk, N) -> the same shapes.
-        The tokens' own positions by default; StreamingLLM uses cache slots."""
+        """The positions attention rotates at: q_pos (B, Tq), k_pos (B, Hk, N) -> the same shapes (or
+        the queries per KV head, (B, Hk, Tq)). The tokens' own positions by default; StreamingLLM
+        uses cache slots."""
         return q_pos, k_pos
 
     def compress(self, ctx: ScoreContext) -> None:

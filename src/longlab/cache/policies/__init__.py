@@ -2,12 +2,14 @@
 
 from longlab.cache.policies import (  # noqa: F401  (imported to register the policies)
     adakv,
+    duo,
     full,
     h2o,
     knorm,
     pyramidkv,
     quantized,
     random,
+    razor,
     snapkv,
     streaming,
     tova,
