@@ -96,9 +96,10 @@ class Razor(HeadAwarePolicy):
         keys, values = entries.dense("keys"), entries.dense("values")
         # eq. 4 on the post-RoPE keys: rotate each at its position, average (weighted by the tokens each
         # entry already stands for), rotate back from the compensation token's position
-        rotated = _rotate_entries(keys.float(), positions, ctx.table)
+        exact = torch.promote_types(keys.dtype, torch.float32)  # sums of many entries: at least float32
+        rotated = _rotate_entries(keys.to(exact), positions, ctx.table)
         mean_key = (rotated * weight[..., None]).sum(dim=2, keepdim=True) / total.clamp(min=1)[..., None]
-        mean_value = (values.float() * weight[..., None]).sum(dim=2, keepdim=True) / total.clamp(min=1)[..., None]
+        mean_value = (values.to(exact) * weight[..., None]).sum(dim=2, keepdim=True) / total.clamp(min=1)[..., None]
         last = torch.where(dropped, positions, -1).amax(dim=-1, keepdim=True)  # (B, Hk, 1)
         slot = dropped & (positions == last)  # the compensation token takes the last dropped entry's slot
         mean_key = _rotate_entries(mean_key, last, ctx.table, inverse=True)
