@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples per task and length")
     parser.add_argument("--position", default="dca", help="position method composed with every policy")
     parser.add_argument("--scores", default=None, help="folder of the head-score files (default: longlab's cache)")
+    parser.add_argument("--policies", nargs="+", default=list(HEAD_AWARE), help="head-aware policy specs")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -80,7 +81,7 @@ def main() -> None:
         mib = 2**20
         print(f"| {length} | `full` | {full['passkey']:.0f} | {full['niah_single_1']:.0f} | {full_bytes / mib:.2f} "
               "| | | | | | | |", flush=True)  # fmt: skip
-        for policy in HEAD_AWARE:
+        for policy in args.policies:
             ours, ours_bytes = run(model, tokenizer, f"{args.position}+{with_param(policy, extra)}", samples)
             budget = round(ours_bytes / (per_entry * heads))
             snap, snap_bytes = run(model, tokenizer, f"{args.position}+snapkv:budget={budget}", samples)
