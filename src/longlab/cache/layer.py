@@ -118,14 +118,17 @@ class LonglabLayer(CacheLayerMixin):
         q_pos, q_valid (B, T)), attend over what the layer holds with ``attend(q, k, v, q_pos, k_pos,
         key_valid)``, then let the policy compress. The model's one cache hook."""
         self.append(k, v, q_pos, q_valid)
-        keys, values, k_pos, key_valid = self.view()
+        # what the queries read: everything held, or (retrieval) per query head what the policy picks
+        keys, values, k_pos, key_valid = (
+            self.policy.read(self, q, q_pos, scoring) if self.policy is not None else self.view()
+        )
         if self.policy is not None:
             attend_q_pos, k_pos = self.policy.attention_positions(q_pos, k_pos, key_valid)
         else:
             attend_q_pos = q_pos
         if bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
             out = attend(q, keys, values, attend_q_pos, k_pos[:, 0], key_valid[:, 0])
-        else:  # heads hold different tokens: fold KV heads into the batch, each with its query group
+        else:  # heads read different tokens: fold the key heads into the batch, each with its query group
             b, hq, t, d = q.shape
             hk = keys.shape[1]
             out = attend(

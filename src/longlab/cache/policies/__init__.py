@@ -8,6 +8,7 @@ from longlab.cache.policies import (  # noqa: F401  (imported to register the po
     pyramidkv,
     quantized,
     random,
+    retrieval,
     snapkv,
     streaming,
     tova,
