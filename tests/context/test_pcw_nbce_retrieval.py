@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tests.support import reference
 
 import longlab
 from longlab.attention.kernel import segmented_attention
@@ -22,7 +23,6 @@ from longlab.errors import LonglabError, SpecError
 from longlab.generation import generate_answers
 from longlab.positions.segments import Segment
 from longlab.spec import parse
-from tests.support import reference
 
 D, HK, HQ = 16, 2, 4
 
@@ -173,7 +173,12 @@ def _naive_nbce(rows: list[list[float]], beta: float) -> list[float]:
 
 
 def test_nbce_combination_equals_the_formula_on_fixed_logits(strict_device):
-    rows = [[0.5, 0.2, -1.0, 0.0, 0.3], [2.0, 0.1, 0.0, -0.5, 0.4], [0.0, 4.0, -2.0, 0.0, 0.1], [1.0, 1.0, 1.0, 0.9, 1.0]]
+    rows = [
+        [0.5, 0.2, -1.0, 0.0, 0.3],  # without context
+        [2.0, 0.1, 0.0, -0.5, 0.4],
+        [0.0, 4.0, -2.0, 0.0, 0.1],  # the least entropy
+        [1.0, 1.0, 1.0, 0.9, 1.0],
+    ]
     expected = torch.tensor(_naive_nbce(rows, 0.25))
     with strict_device():
         ours = combine(torch.tensor(rows, device="cpu"), 0.25, 1.0)
@@ -325,5 +330,5 @@ def test_empty_context_and_no_room_fail_clearly(tiny, method):
 
 def test_pcw_needs_a_patched_model(tiny):
     model, tokenizer = tiny
-    with pytest.raises(LonglabError, match="longlab.apply"):
+    with pytest.raises(LonglabError, match=r"longlab\.apply"):
         PCW().answer(model, tokenizer, [_passkey_query(tokenizer, 2)], 2, True)

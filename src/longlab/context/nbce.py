@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, TopPLogitsWarper
 
-from longlab.context import chunks
+import longlab.context.chunks as chunks
 from longlab.context.base import ContextMethod, ContextQuery
 from longlab.method import check_range, register
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+import longlab.context.chunks as chunks
 from longlab.cache.entries import Entries
 from longlab.cache.layer import LonglabLayer
-from longlab.context import chunks
 from longlab.context.base import ContextMethod, ContextQuery
 from longlab.errors import LonglabError
 from longlab.method import check_range, register

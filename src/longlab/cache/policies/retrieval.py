@@ -72,7 +72,7 @@ class RetrievalAttention(CachePolicy):
         far: FarStore | None = layer.entries.far
         if far is None or far.length == 0:
             return keys, values, positions, valid
-        b, hk, n, d = keys.shape
+        b, hk, _, d = keys.shape
         if q.shape[2] > 1:  # a prompt or prefill chunk reads every token, held and far
             far_k, far_v, far_pos = (x.reshape(b, hk, far.length, *x.shape[2:]) for x in far.everything())
             positions = torch.cat((far_pos.long(), positions), dim=2)
@@ -109,7 +109,7 @@ class RetrievalAttention(CachePolicy):
     def _move_far(self, ctx: ScoreContext, entries: RetrievalEntries, leaving: torch.Tensor) -> None:
         """Move the entries marked ``leaving`` (B, Hk, N) to the far store, each row's left-padded to
         the longest row's count (padding at position -1, never found)."""
-        b, hk, n = leaving.shape
+        b, hk, _ = leaving.shape
         count = leaving.sum(-1)
         width = int(count.max())
         # rank of each leaving entry among its row's, shifted right so every row ends at `width`
