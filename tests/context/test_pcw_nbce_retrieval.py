@@ -97,6 +97,21 @@ def test_pcw_attention_on_random_tensors_equals_the_naive_masked_reference(devic
     torch.testing.assert_close(ours.cpu(), expected, atol=1e-10, rtol=1e-9)
 
 
+def _masked_logits(model, windows: list[torch.Tensor], question: torch.Tensor) -> torch.Tensor:
+    """Logits of the unpatched model (transformers' own eager attention and RoPE) over the whole
+    sequence ``windows + question`` with the explicit PCW mask and positions."""
+    visible, pos = _pcw_visible([w.numel() for w in windows], question.numel())
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            full = torch.cat([*windows, question])[None]
+            return model(input_ids=full, attention_mask=additive[None, None], position_ids=pos[None]).logits[0]
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def test_pcw_through_the_bundled_model_equals_the_plain_model_with_the_pcw_mask(tiny):
     """Every window's and every task token's logits equal those of the unpatched model (transformers'
     own eager attention and RoPE) given the whole sequence with the explicit PCW mask and positions."""
@@ -116,15 +131,7 @@ def test_pcw_through_the_bundled_model_equals_the_plain_model_with_the_pcw_mask(
             window_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         finally:
             longlab.reset(model)
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")
-        try:
-            visible, pos = _pcw_visible(lengths, task)
-            additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
-            full = torch.cat([*windows, question])[None]
-            expected = model(input_ids=full, attention_mask=additive[None, None], position_ids=pos[None]).logits[0]
-        finally:
-            model.set_attn_implementation(previous)
+    expected = _masked_logits(model, windows, question)
     torch.testing.assert_close(ours, expected[-task:], atol=2e-4, rtol=1e-4)
     offset = 0
     for row, n in enumerate(lengths):  # each window's own tokens, read alone
@@ -142,6 +149,22 @@ def _passkey_query(tokenizer, filler: int) -> ContextQuery:
 def _plain_answer(model, tokenizer, query, new_tokens):
     ids = torch.cat(chunks.encode_parts(tokenizer, query, torch.device("cpu")))[None]
     return generate_answers(model, tokenizer, [ids], new_tokens, first_line=True)
+
+
+def test_pcw_answer_on_several_windows_follows_the_masked_reference(tiny):
+    """A passkey query cut into several windows: the first answer token is the argmax of the
+    reference's logits at the last task token (task tokens after the longest window)."""
+    model, tokenizer = tiny
+    query = _passkey_query(tokenizer, 12)
+    method = PCW(window=70)
+    windows, question = method.windows(model, tokenizer, query, 1)
+    assert len(windows) >= 3 and len({w.numel() for w in windows}) > 1
+    expected = tokenizer.decode([int(_masked_logits(model, windows, question)[-1].argmax())])
+    longlab.apply(model, "none")
+    try:
+        assert method.answer(model, tokenizer, [query], 1, False) == [expected]
+    finally:
+        longlab.reset(model)
 
 
 @pytest.mark.parametrize("method", [PCW(), NBCE(beta=0.0)])

@@ -46,13 +46,19 @@ class PCW(ContextMethod):
     ) -> list[str]:
         return [self._answer(model, tokenizer, query, new_tokens, first_line) for query in queries]
 
-    @torch.no_grad()
-    def _answer(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
+    def windows(
+        self, model: Any, tokenizer: Any, query: ContextQuery, new_tokens: int
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The windows (``instruction + chunk``, 1-D ids) and the task tokens (the question) of a query."""
         device = model.get_input_embeddings().weight.device
         instruction, context, question = chunks.encode_parts(tokenizer, query, device)
         overhead = instruction.numel() + question.numel() + new_tokens
         parts = chunks.split(self.name, context, chunks.chunk_length(self.name, self.window, model, overhead))
-        windows = [torch.cat((instruction, part)) for part in parts]
+        return [torch.cat((instruction, part)) for part in parts], question
+
+    @torch.no_grad()
+    def _answer(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
+        windows, question = self.windows(model, tokenizer, query, new_tokens)
         cache = prefill_windows(model, windows, chunks.pad_id(tokenizer))
         start = max(w.numel() for w in windows)  # the task tokens follow the longest window
         return greedy(model, tokenizer, cache, question, start, new_tokens, first_line)
