@@ -151,20 +151,31 @@ def _plain_answer(model, tokenizer, query, new_tokens):
     return generate_answers(model, tokenizer, [ids], new_tokens, first_line=True)
 
 
-def test_pcw_answer_on_several_windows_follows_the_masked_reference(tiny):
-    """A passkey query cut into several windows: the first answer token is the argmax of the
-    reference's logits at the last task token (task tokens after the longest window)."""
+def test_pcw_answer_on_several_windows_follows_the_masked_reference(tiny, monkeypatch):
+    """A passkey query cut into several windows of unequal lengths: the logits pcw decodes from are
+    the reference's at the task tokens (placed after the longest window), and so is its token."""
     model, tokenizer = tiny
     query = _passkey_query(tokenizer, 12)
     method = PCW(window=70)
     windows, question = method.windows(model, tokenizer, query, 1)
     assert len(windows) >= 3 and len({w.numel() for w in windows}) > 1
-    expected = tokenizer.decode([int(_masked_logits(model, windows, question)[-1].argmax())])
+    expected = _masked_logits(model, windows, question)[-question.numel() :]
+    seen = []
+    forward = chunks.forward
+
+    def spy(model, cache, **inputs):
+        out = forward(model, cache, **inputs)
+        seen.append(out.logits[0])
+        return out
+
+    monkeypatch.setattr(chunks, "forward", spy)
     longlab.apply(model, "none")
     try:
-        assert method.answer(model, tokenizer, [query], 1, False) == [expected]
+        answer = method.answer(model, tokenizer, [query], 1, False)
     finally:
         longlab.reset(model)
+    torch.testing.assert_close(seen[-1], expected, atol=2e-4, rtol=1e-4)
+    assert answer == [tokenizer.decode([int(expected[-1].argmax())])]
 
 
 @pytest.mark.parametrize("method", [PCW(), NBCE(beta=0.0)])
