@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from longlab.errors import LonglabError
+
 
 class _Buffer:
     """A (rows, capacity, ...) tensor that grows along dim 1; :meth:`view` is the filled part."""
@@ -85,7 +87,13 @@ class FaissIndex:
         self.indexes: list = []
 
     def add(self, rotated: torch.Tensor, valid: torch.Tensor, start: int) -> None:
-        import faiss  # optional dependency (the "retrieval" extra); only the CPU path needs it
+        try:
+            import faiss  # optional dependency (the "retrieval" extra); only the CPU path needs it
+        except ImportError:
+            raise LonglabError(
+                "retrieval_attention on the CPU searches its far keys with faiss: pip install 'longlab[retrieval]' "
+                "(or faiss-cpu)"
+            ) from None
 
         rows, t, d = rotated.shape
         if not self.indexes:
