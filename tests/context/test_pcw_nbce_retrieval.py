@@ -259,15 +259,23 @@ def test_nbce_first_token_pools_the_rows_read_alone(tiny):
 # -- retrieval_attention -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
-def test_retrieved_keys_are_the_exact_top_k_of_a_naive_reference(device, strict_device, monkeypatch, backend):
+@pytest.mark.parametrize(
+    ("backend", "method", "window"), [("faiss", "none", 5), ("torch", "none", 5), ("faiss", "dca", 14)]
+)
+def test_retrieved_keys_are_the_exact_top_k_of_a_naive_reference(
+    device, strict_device, monkeypatch, backend, method, window
+):
     """After a prompt, far keys live in the index; a decoding query's retrieved keys per query head
-    are the top_k far keys by (R(i) q) . (R(j) k), computed pairwise here in float64."""
+    are the top_k far keys by the logit attention gives them, computed pairwise here in float64 from
+    the distance formula of tests/support/reference.py (plain RoPE; DCA with chunk 8, local window 2,
+    every far key two chunks or more behind the query)."""
     if backend == "torch":  # the CUDA path, exercised on any device
         monkeypatch.setattr(far_module, "INDEXES", {})
     elif device.type != "cpu":
         pytest.skip("faiss is the CPU index")
-    policy = RetrievalAttention(sinks=2, window=5, top_k=4)
+    policy = RetrievalAttention(sinks=2, window=window, top_k=4)
+    params = {"chunk_size": 8, "local_window": 2} if method == "dca" else {}
+    segments = parse(f"{method}:chunk_size=8,local_window=2" if params else method)[0].segments()
     n = 30
     g = torch.Generator().manual_seed(5)
     k = torch.randn(1, HK, n + 1, D, generator=g).to(device)
@@ -275,23 +283,24 @@ def test_retrieved_keys_are_the_exact_top_k_of_a_naive_reference(device, strict_
     q = torch.randn(1, HQ, n + 1, D, generator=g).to(device)
     pos = torch.arange(n + 1, device=device)[None]
     scoring, table = _scoring(device)
+    scoring = Scoring(segments, scoring.table, scoring.scale, 0, 1)
     attend = functools.partial(_attend, table)
     with strict_device():
         layer = LonglabLayer(policy)
         ones = torch.ones(1, n, dtype=torch.bool, device=device)
         layer.attend(q[:, :, :n], k[:, :, :n], v[:, :, :n], pos[:, :n], ones, attend, scoring)
-        assert layer.entries.longest == 7 and layer.entries.far.length == n - 7
+        assert layer.entries.longest == 2 + window and layer.entries.far.length == n - 2 - window
         layer.append(k[:, :, n:], v[:, :, n:], pos[:, n:], ones[:, :1])
         _, _, read_pos, _ = policy.read(layer, q[:, :, n:], pos[:, n:], scoring)
-    far_pos = [j for j in range(n + 1) if 2 <= j < n - 5]
+    far_pos = list(range(2, n - window))
+    _, rel = reference.distances(method, torch.tensor([n]), torch.tensor(far_pos), **params)
     group = HQ // HK
     for h in range(HQ):
-        rel = torch.tensor([[float(n - j) for j in far_pos]])
         rotated = reference.rotate_pairwise(q[:, h : h + 1, n:].cpu().double(), rel, reference.inv_freq(D))
         scores = (rotated[0, 0, 0] * k[0, h // group, far_pos].cpu().double()).sum(-1)
         expected = {far_pos[i] for i in scores.topk(4).indices.tolist()}
         assert set(read_pos[0, h, :4].tolist()) == expected
-        assert sorted(read_pos[0, h, 4:].tolist()) == [0, 1, *range(n - 5, n + 1)]  # sinks + window + new
+        assert sorted(read_pos[0, h, 4:].tolist()) == [0, 1, *range(n - window, n + 1)]  # sinks + window + new
 
 
 def test_retrieval_with_top_k_covering_all_far_keys_equals_full_attention(tiny):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,14 @@ from longlab.cache.policy import CachePolicy, ScoreContext, Scoring, keep_top, p
 from longlab.errors import LonglabError
 from longlab.method import check_range, register
 from longlab.positions.rope import rotate
+from longlab.positions.segments import Segment
+
+
+def far_segment(segments: tuple[Segment, ...]) -> Segment:
+    """The segment of the position method that far keys fall in (the last unbounded one: plain RoPE's
+    only segment, SelfExtend's grouped one, DCA's inter-chunk one); its query and key maps are the
+    positions the index rotates at, so its inner products are the logits attention gives far keys."""
+    return next((s for s in reversed(segments) if math.isinf(s.max_distance) and s.key_limit is None), segments[-1])
 
 
 class RetrievalEntries(Entries):
@@ -40,10 +49,12 @@ class RetrievalAttention(CachePolicy):
     2024, section 3: per-head vector search of the far keys by the query's inner product).
 
     Each layer holds the first ``sinks`` tokens and the ``window`` most recent ones; every other
-    token moves to a far store whose index holds its key rotated at its own position (``cache.far``:
-    faiss on the CPU, exact ``torch.topk`` on other devices). A decoding query (one token) reads the
-    held tokens plus, per query head, the ``top_k`` far keys with the largest RoPE logit
-    ``R(i) q . R(j) k``; attention is exact over that set, with the active position method's rotation.
+    token moves to a far store whose index holds its key rotated at its position as far keys are
+    rotated (:func:`far_segment`: its own position under plain RoPE, chunk-relative under DCA, grouped
+    under SelfExtend) (``cache.far``: faiss on the CPU, exact ``torch.topk`` on other devices). A
+    decoding query (one token) reads the held tokens plus, per query head, the ``top_k`` far keys with
+    the largest logit ``R(f_q(i)) q . R(f_k(j)) k``; attention is exact over that set, with the active
+    position method's rotation.
     Calls of more than one token (the prompt, prefill chunks) read everything: the approximation is
     decoding-time only, as in RetrievalAttention.
 
@@ -80,7 +91,7 @@ class RetrievalAttention(CachePolicy):
         hq = q.shape[1]
         group = hq // hk
         table = scoring.table(int(q_pos.max()) + 1)
-        rotated_q = rotate(q, q_pos, table)  # (B, Hq, 1, d): the query as attention rotates it
+        rotated_q = rotate(q, far_segment(scoring.segments).query_map(q_pos), table)  # as far keys see it
         slots = far.index.search(rotated_q.reshape(b * hk, group, d), self.top_k)  # (B * Hk, G, k)
         k = slots.shape[-1]
         got_k, got_v, got_pos = far.gather(slots.reshape(b * hk, group * k))
@@ -123,7 +134,8 @@ class RetrievalAttention(CachePolicy):
         out_pos = out_pos.scatter_(2, target, ctx.positions.masked_fill(~leaving, -1))
         out_k, out_v, out_pos = out_k[:, :, :width], out_v[:, :, :width], out_pos[:, :, :width]
         rows = b * hk
-        rotated = rotate(out_k.reshape(rows, 1, width, d), out_pos.clamp(min=0).reshape(rows, width), ctx.table)
+        key_pos = far_segment(ctx.segments).key_map(out_pos.clamp(min=0).reshape(rows, width))
+        rotated = rotate(out_k.reshape(rows, 1, width, d), key_pos, ctx.table)
         if entries.far is None:
             entries.far = FarStore(keys.device)
         entries.far.add(out_k.reshape(rows, width, d), out_v.reshape(rows, width, d),
