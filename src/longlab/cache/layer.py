@@ -118,7 +118,10 @@ class LonglabLayer(CacheLayerMixin):
         q_pos, q_valid (B, T)), attend over what the layer holds with ``attend(q, k, v, q_pos, k_pos,
         key_valid)``, then let the policy compress. The model's one cache hook."""
         self.append(k, v, q_pos, q_valid)
-        keys, values, k_pos, key_valid = self.view()
+        # what the queries read: everything held, or (retrieval) per query head what the policy picks
+        keys, values, k_pos, key_valid = (
+            self.policy.read(self, q, q_pos, scoring) if self.policy is not None else self.view()
+        )
         if self.policy is not None:
             attend_q_pos, k_pos = self.policy.attention_positions(q_pos, k_pos, key_valid)
         else:
@@ -128,7 +131,7 @@ class LonglabLayer(CacheLayerMixin):
         if same_q and bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
             shared_q = attend_q_pos if attend_q_pos.dim() == 2 else attend_q_pos[:, 0]
             out = attend(q, keys, values, shared_q, k_pos[:, 0], key_valid[:, 0])
-        else:  # heads hold different tokens: fold KV heads into the batch, each with its query group
+        else:  # heads read different tokens: fold KV heads into the batch, each with its query group
             b, hq, t, d = q.shape
             hk = keys.shape[1]
             per_head_q = attend_q_pos.reshape(b * hk, t) if attend_q_pos.dim() == 3 else None

@@ -126,6 +126,14 @@ class CachePolicy(Method):
         uses cache slots."""
         return q_pos, k_pos
 
+    def read(
+        self, layer: LonglabLayer, q: torch.Tensor, q_pos: torch.Tensor, scoring: Scoring
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the queries q (B, Hq, Tq, d) at q_pos (B, Tq) attend to: keys, values (B, H, N, d),
+        positions and validity (B, H, N), H the KV heads or, for a policy that picks keys per query
+        head (retrieval), the query heads. Everything the layer holds by default."""
+        return layer.view()
+
     def compress(self, ctx: ScoreContext) -> None:
         """Evict from ``ctx.layer`` after a forward call; the default keeps everything."""
 

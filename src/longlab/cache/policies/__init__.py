@@ -10,6 +10,7 @@ from longlab.cache.policies import (  # noqa: F401  (imported to register the po
     quantized,
     random,
     razor,
+    retrieval,
     snapkv,
     streaming,
     tova,
