@@ -46,7 +46,7 @@ def _decode(model, tokenizer, ids, new_tokens: int) -> tuple[str, list[float], i
     retrieval_attention's far stores (host memory on the CPU), 0 for other caches."""
     import torch
 
-    from longlab.context import rows
+    from longlab.context import rows as chunks
 
     steps = []
     with torch.no_grad():
@@ -54,14 +54,14 @@ def _decode(model, tokenizer, ids, new_tokens: int) -> tuple[str, list[float], i
         cache, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
         for _ in range(new_tokens):
             tokens.append(int(token))
-            if rows.done(tokenizer, tokens, True):
+            if chunks.done(tokenizer, tokens, True):
                 break
             start = time.perf_counter()
-            out = rows.forward(model, cache, input_ids=token)
+            out = chunks.forward(model, cache, input_ids=token)
             steps.append(time.perf_counter() - start)
             token = out.logits[:, -1:].argmax(-1)
     far = sum(getattr(layer.entries, "far_nbytes", 0) for layer in cache.layers)
-    return rows.finish(tokenizer, tokens, True), steps, far
+    return chunks.finish(tokenizer, tokens, True), steps, far
 
 
 def _measure(name: str, length: int, samples: int, new_tokens: int, threads: int) -> dict:

@@ -15,7 +15,7 @@ from longlab.cache import far as far_module
 from longlab.cache.layer import LonglabLayer
 from longlab.cache.policies.retrieval import RetrievalAttention
 from longlab.cache.policy import Scoring
-from longlab.context import rows
+from longlab.context import rows as chunks
 from longlab.context.base import ContextQuery
 from longlab.context.nbce import NBCE, combine
 from longlab.context.pcw import PCW, merge_rows, prefill_windows
@@ -125,9 +125,9 @@ def test_pcw_through_the_bundled_model_equals_the_plain_model_with_the_pcw_mask(
         try:
             cache = prefill_windows(model, windows, pad=1)
             start = max(lengths)
-            ours = rows.forward(model, cache, input_ids=question[None],
+            ours = chunks.forward(model, cache, input_ids=question[None],
                                   position_ids=torch.arange(start, start + task)[None]).logits[0]  # fmt: skip
-            ids, mask, positions = rows.left_padded(windows, 1)
+            ids, mask, positions = chunks.left_padded(windows, 1)
             window_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         finally:
             longlab.reset(model)
@@ -147,7 +147,7 @@ def _passkey_query(tokenizer, filler: int) -> ContextQuery:
 
 
 def _plain_answer(model, tokenizer, query, new_tokens):
-    ids = torch.cat(rows.encode_parts(tokenizer, query, torch.device("cpu")))[None]
+    ids = torch.cat(chunks.encode_parts(tokenizer, query, torch.device("cpu")))[None]
     return generate_answers(model, tokenizer, [ids], new_tokens, first_line=True)
 
 
@@ -161,7 +161,7 @@ def test_pcw_answer_on_several_windows_follows_the_masked_reference(tiny, monkey
     assert len(windows) >= 3 and len({w.numel() for w in windows}) > 1
     expected = _masked_logits(model, windows, question)[-question.numel() :]
     seen = []
-    forward = rows.forward
+    forward = chunks.forward
 
     def spy(model, cache, **inputs):
         out = forward(model, cache, **inputs)
@@ -240,8 +240,8 @@ def test_nbce_first_token_pools_the_rows_read_alone(tiny):
     model, tokenizer = tiny
     query = _passkey_query(tokenizer, 12)
     method = NBCE(chunk=60)
-    instruction, context, question = rows.encode_parts(tokenizer, query, torch.device("cpu"))
-    parts = rows.split("nbce", context, 60)
+    instruction, context, question = chunks.encode_parts(tokenizer, query, torch.device("cpu"))
+    parts = chunks.split("nbce", context, 60)
     assert len(parts) >= 3
     rows = [torch.cat((instruction, question))] + [torch.cat((instruction, p, question)) for p in parts]
     with torch.no_grad():

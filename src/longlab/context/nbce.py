@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, TopPLogitsWarper
 
-import longlab.context.rows as rows
+import longlab.context.rows as chunks
 from longlab.context.base import ContextMethod, ContextQuery
 from longlab.method import check_range, register
 
@@ -65,20 +65,20 @@ class NBCE(ContextMethod):
     @torch.no_grad()
     def _answer(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
         device = model.get_input_embeddings().weight.device
-        instruction, context, question = rows.encode_parts(tokenizer, query, device)
+        instruction, context, question = chunks.encode_parts(tokenizer, query, device)
         overhead = instruction.numel() + question.numel() + new_tokens
-        parts = rows.split(self.name, context, rows.chunk_length(self.name, self.chunk, model, overhead))
+        parts = chunks.split(self.name, context, chunks.chunk_length(self.name, self.chunk, model, overhead))
         rows = [torch.cat((instruction, question))] + [torch.cat((instruction, p, question)) for p in parts]
-        ids, mask, positions = rows.left_padded(rows, rows.pad_id(tokenizer))
+        ids, mask, positions = chunks.left_padded(rows, chunks.pad_id(tokenizer))
         cache = DynamicCache()
         tokens: list[int] = []
         for _ in range(new_tokens):
-            logits = rows.forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            logits = chunks.forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions).logits
             token = combine(logits[:, -1], self.beta, self.top_p).argmax()
             tokens.append(int(token))
-            if rows.done(tokenizer, tokens, first_line):
+            if chunks.done(tokenizer, tokens, first_line):
                 break
             ids = token.expand(len(rows), 1)
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             positions = positions[:, -1:] + 1
-        return rows.finish(tokenizer, tokens, first_line)
+        return chunks.finish(tokenizer, tokens, first_line)

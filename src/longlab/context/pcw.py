@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-import longlab.context.rows as rows
+import longlab.context.rows as chunks
 from longlab.cache.entries import Entries
 from longlab.cache.layer import LonglabLayer
 from longlab.context.base import ContextMethod, ContextQuery
@@ -51,24 +51,24 @@ class PCW(ContextMethod):
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The windows (``instruction + chunk``, 1-D ids) and the task tokens (the question) of a query."""
         device = model.get_input_embeddings().weight.device
-        instruction, context, question = rows.encode_parts(tokenizer, query, device)
+        instruction, context, question = chunks.encode_parts(tokenizer, query, device)
         overhead = instruction.numel() + question.numel() + new_tokens
-        parts = rows.split(self.name, context, rows.chunk_length(self.name, self.window, model, overhead))
+        parts = chunks.split(self.name, context, chunks.chunk_length(self.name, self.window, model, overhead))
         return [torch.cat((instruction, part)) for part in parts], question
 
     @torch.no_grad()
     def _answer(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
         windows, question = self.windows(model, tokenizer, query, new_tokens)
-        cache = prefill_windows(model, windows, rows.pad_id(tokenizer))
+        cache = prefill_windows(model, windows, chunks.pad_id(tokenizer))
         start = max(w.numel() for w in windows)  # the task tokens follow the longest window
         return greedy(model, tokenizer, cache, question, start, new_tokens, first_line)
 
 
 def prefill_windows(model, windows: list[torch.Tensor], pad: int) -> DynamicCache:
     """One cache holding every window, each prefilled alone at positions 0 .. len - 1."""
-    ids, mask, positions = rows.left_padded(windows, pad)
+    ids, mask, positions = chunks.left_padded(windows, pad)
     cache = DynamicCache()
-    rows.forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
+    chunks.forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
     merged = DynamicCache()
     merged.layers.extend(merge_rows(layer) for layer in cache.layers)
     return merged
@@ -108,10 +108,10 @@ def greedy(model, tokenizer, cache, prompt: torch.Tensor, start: int, new_tokens
     position = start
     for _ in range(new_tokens):
         positions = torch.arange(position, position + ids.shape[1], device=ids.device)[None]
-        logits = rows.forward(model, cache, input_ids=ids, position_ids=positions).logits
+        logits = chunks.forward(model, cache, input_ids=ids, position_ids=positions).logits
         position += ids.shape[1]
         ids = logits[:, -1].argmax(dim=-1, keepdim=True)
         tokens.append(int(ids))
-        if rows.done(tokenizer, tokens, first_line):
+        if chunks.done(tokenizer, tokens, first_line):
             break
-    return rows.finish(tokenizer, tokens, first_line)
+    return chunks.finish(tokenizer, tokens, first_line)
