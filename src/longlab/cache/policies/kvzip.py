@@ -74,6 +74,6 @@ class KVzip(EvictionPolicy):
                 keep_top(s.reshape(b, 1, -1), v.reshape(b, 1, -1), target * hk).view(b, hk, -1)
                 for s, v in zip(scores, valid, strict=True)
             ]
-        pooled = keep_top(torch.cat([s.reshape(b, 1, -1) for s in scores], dim=2),
-                          torch.cat([v.reshape(b, 1, -1) for v in valid], dim=2), target * hk * len(scores))  # fmt: skip
+        every = torch.cat([s.reshape(b, 1, -1) for s in scores], dim=2)
+        pooled = keep_top(every, torch.cat([v.reshape(b, 1, -1) for v in valid], dim=2), target * hk * len(scores))
         return list(pooled.view(b, len(scores), hk, -1).unbind(dim=1))
