@@ -69,18 +69,21 @@ class _Scorer:
         b, hq, t, d = ctx.q.shape
         hk = ctx.layer.entries.heads
         index = torch.arange(self.held + t, device=ctx.q.device)
-        # the span's softmax: sinks, the span's cached entries, and the reconstruction tokens (section 3.3)
-        subset = (index < min(self.policy.sinks, self.start)) | ((index >= self.start) & (index < self.stop))
-        subset |= index >= self.held
-        key_valid = ctx.valid & subset
+        # the span's softmax: sinks, the span's cached entries, and the reconstruction tokens (section 3.3);
+        # only those keys are scored, so a span costs span x (span + sinks + t), not x every entry
+        sinks = min(self.policy.sinks, self.start)
+        subset = (index < sinks) | ((index >= self.start) & (index < self.stop)) | (index >= self.held)
+        keys = subset.nonzero().flatten()
         q_pos = ctx.q_pos[:, None].expand(b, hk, t)
-        best = torch.zeros(b, hk, self.held + t, dtype=torch.float32, device=ctx.q.device)
-        blocks = attention_blocks(ctx.q.view(b, hk, hq // hk, t, d), ctx.keys, q_pos, ctx.positions, key_valid,
-                                  ctx.segments, ctx.table, ctx.scale)  # fmt: skip
+        best = torch.zeros(b, hk, keys.shape[0], dtype=torch.float32, device=ctx.q.device)
+        blocks = attention_blocks(ctx.q.view(b, hk, hq // hk, t, d), ctx.keys[:, :, keys], q_pos,
+                                  ctx.positions[:, :, keys], ctx.valid[:, :, keys], ctx.segments, ctx.table,
+                                  ctx.scale)  # fmt: skip
         for first, last, probabilities in blocks:
             probabilities *= ctx.q_valid[:, None, None, first:last, None]
             best = torch.maximum(best, probabilities.amax(dim=(2, 3)))
-        self.scores[..., self.start : self.stop] = best[..., self.start : self.stop].to(self.scores.dtype)
+        span = best[..., sinks : sinks + self.stop - self.start]  # the kept keys are in order: sinks, span, new
+        self.scores[..., self.start : self.stop] = span.to(self.scores.dtype)
         layer = ctx.layer
         layer.entries.keep((index < self.held).expand(b, hk, -1))  # the cache is left as it was
         layer.seen, layer.valid_seen = self.seen, self.valid_seen
