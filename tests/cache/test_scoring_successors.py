@@ -55,10 +55,11 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def _expected_attention(q, k, v, name, params, future, sinks=4, covariance=True, vnorm=True, epsilon=0.0):
-    """Devoto et al. 2025, eqs. 4-8, one key at a time: the queries at positions >= sinks are N(mu, Sigma);
-    R̄_j is the mean of the rotation matrices the future queries at N..N+future-1 apply to key j (zero
-    when none sees it); z_j = (R̄_j mu)·k_j/√d + k_jᵀ R̄_j Σ R̄_jᵀ k_j/(2d); softmax over non-sink keys,
-    mean over the query group, times (· + epsilon)·‖v_j‖; sinks kept (inf)."""
+    """Devoto et al. 2025 (section 3, as kvpress computes it), one key at a time: the queries at
+    positions >= sinks are N(mu, Sigma); R̄_j is the mean of the rotation matrices the future queries at
+    N..N+future-1 apply to key j (zero when none sees it); z_j = (R̄_j mu)·k_j/√d + k_jᵀ R̄_j Σ R̄_jᵀ
+    k_j/(2d); softmax over non-sink keys, mean over the query group, times (· + epsilon)·‖v_j‖; sinks
+    kept (inf)."""
     freqs = reference.inv_freq(D)
     visible, rel = reference.distances(name, torch.arange(N, N + future), torch.arange(N), **params)
     used = q[:, :, sinks:]

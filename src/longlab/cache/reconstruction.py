@@ -69,7 +69,7 @@ class _Scorer:
         b, hq, t, d = ctx.q.shape
         hk = ctx.layer.entries.heads
         index = torch.arange(self.held + t, device=ctx.q.device)
-        # the span's softmax: sinks, the span's cached entries, and the reconstruction tokens (section 3.3);
+        # the span's softmax: sinks, the span's cached entries, and the reconstruction tokens (chunked scoring);
         # only those keys are scored, so a span costs span x (span + sinks + t), not x every entry
         sinks = min(self.policy.sinks, self.start)
         subset = (index < sinks) | ((index >= self.start) & (index < self.stop)) | (index >= self.held)

@@ -16,7 +16,7 @@ from longlab.method import check_range, register
 @dataclass(frozen=True)
 class ExpectedAttention(EvictionPolicy):
     """Expected Attention (Devoto, Jeblick and Jégou, 2025, "Expected Attention: KV Cache Compression
-    by Estimating Attention from Future Queries Distribution", section 3, eqs. 4-8; kvpress's
+    by Estimating Attention from Future Queries Distribution", section 3 (method); kvpress's
     ``ExpectedAttentionPress``). The queries of the current call (those at positions >= ``sinks``)
     are modelled as a Gaussian per query head, mean mu and covariance Sigma (divided by the count);
     the ``future`` next positions rotate it by their average RoPE rotation R̄; a key k then expects

@@ -18,15 +18,15 @@ ALLOCATIONS = ("global", "layer", "head")
 @dataclass(frozen=True)
 class KVzip(EvictionPolicy):
     """KVzip (Kim et al., 2025, "KVzip: Query-Agnostic KV Cache Compression with Context
-    Reconstruction", section 3, eq. 2 and section 3.3; kvpress's ``KVzipPress``). After the context is
-    cached, the model reads a repeat prompt ("Repeat the previous context exactly.") followed by the
-    context itself, teacher-forced, over the full cache; each cached pair's score is the largest
-    attention probability any of those reconstruction queries gives it, over the queries and the
-    query heads sharing its KV head. Contexts longer than ``span`` tokens are reconstructed one span at
-    a time (section 3.3): span i's prompt asks to repeat "starting with" the last ``tail`` tokens of
-    span i−1, and its softmax runs over the first ``sinks`` entries, span i's cached entries and the
-    reconstruction tokens themselves, so scoring memory is O(span²) (kvpress's chunk of 2048 and
-    postfix of 8).
+    Reconstruction", section 3 (method) with its long-context scaling; kvpress's ``KVzipPress``).
+    After the context is cached, the model reads a repeat prompt ("Repeat the previous context
+    exactly.") followed by the context itself, teacher-forced, over the full cache; each cached pair's
+    score is the largest attention probability any of those reconstruction queries gives it, over the
+    queries and the query heads sharing its KV head. Contexts longer than ``span`` tokens are
+    reconstructed one span at a time (the paper's chunked scoring): span i's prompt asks to repeat
+    "starting with" the last ``tail`` tokens of span i−1, and its softmax runs over the first ``sinks``
+    entries, span i's cached entries and the reconstruction tokens themselves, so scoring memory is
+    O(span²) (kvpress's chunk of 2048 and postfix of 8).
 
     ``allocation`` shares the kept count as the paper's non-uniform budget: ``global`` (default)
     keeps the best scores across every layer and head, ``layer`` across one layer's heads (kvpress's
