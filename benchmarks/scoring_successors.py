@@ -11,6 +11,7 @@ run resumes; the table (accuracy %, and each policy's ratio to SnapKV's) is prin
 
     python benchmarks/scoring_successors.py --threads 1                       # 2048 and 4096, r = 0.75
     python benchmarks/scoring_successors.py --lengths 2048 --ratios 0.5 0.75 --samples 10
+    python benchmarks/scoring_successors.py --policies snapkv expected_attention:window=64
 """
 
 from __future__ import annotations
@@ -74,13 +75,15 @@ def run(args: argparse.Namespace) -> None:
                 for policy in args.policies:
                     if policy == "full" and ratio != args.ratios[0]:
                         continue  # the uncompressed reference is the same at every ratio
-                    method = f"{args.position}+" + (policy if policy == "full" else f"{policy}:ratio={ratio}")
+                    joiner = "," if ":" in policy else ":"
+                    method = f"{args.position}+" + (policy if policy == "full" else f"{policy}{joiner}ratio={ratio}")
                     longlab.apply(model, method)
                     for i, sample in enumerate(samples):
                         if (policy, task_name, length, ratio, i) in done:
                             continue
                         ids = encode(tokenizer, sample.prompt)
-                        text, seconds, kept = _answer(model, tokenizer, ids, policy, task.new_tokens(subtask))
+                        kind = policy.split(":")[0]
+                        text, seconds, kept = _answer(model, tokenizer, ids, kind, task.new_tokens(subtask))
                         row = {"policy": policy, "task": task_name, "length": length, "ratio": ratio, "sample": i,
                                "method": method, "prompt_tokens": ids.shape[1], "kept": kept, "seconds": seconds,
                                "expected": sample.answers, "predicted": text,
@@ -98,9 +101,9 @@ def table(path: str) -> str:
         cells.setdefault((r["length"], r["task"], r["ratio"], r["policy"]), []).append(r)
     lines = ["| length | task | ratio | policy | samples | accuracy % | vs snapkv | entries kept (all layers) "
              "| prefill + scoring s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (length, task, ratio, policy), group in sorted(
-        cells.items(), key=lambda kv: (kv[0][:3], POLICIES.index(kv[0][3]))
-    ):
+    run_order = list(dict.fromkeys(r["policy"] for r in rows))
+    order = sorted(cells.items(), key=lambda kv: (kv[0][:3], run_order.index(kv[0][3])))
+    for (length, task, ratio, policy), group in order:
         accuracy = sum(r["score"] for r in group) / len(group)
         snap = cells.get((length, task, ratio, "snapkv"))
         versus = "—"
@@ -120,7 +123,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES),
+                        help="cache policies, optionally with parameters (expected_attention:window=64); "
+                        "the ratio is added")  # fmt: skip
     parser.add_argument("--position", default="selfextend:group=8,window=128")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)

@@ -130,16 +130,19 @@ def test_expected_attention_degenerates_to_the_attention_of_the_mean_query():
     torch.testing.assert_close(layer.policy.scores(ctx), expected, rtol=1e-9, atol=1e-12)
 
 
-def test_expected_attention_keeps_its_top_scores_and_the_sinks():
-    layer, ctx = _context("expected_attention:budget=12,future=16", "selfextend:group=4,window=8")
+@pytest.mark.parametrize("window", [0, 6])
+def test_expected_attention_keeps_its_top_scores_the_sinks_and_the_window(window):
+    layer, ctx = _context(f"expected_attention:budget=14,future=16,window={window}", "selfextend:group=4,window=8")
     expected = _expected_attention(ctx.q, ctx.keys, layer.entries.dense("values"), "selfextend",
                                    {"group": 4, "window": 8}, future=16)  # fmt: skip
+    expected[..., N - window :] = math.inf  # the last `window` tokens are always kept
     layer.compress(ctx)
     positions = layer.entries.dense("positions")
     for b in range(B):
         for h in range(HK):
-            top = set(torch.sort(expected[b, h], descending=True, stable=True).indices[:12].tolist())
-            assert set(positions[b, h].tolist()) == top and set(range(4)) <= top
+            top = set(torch.sort(expected[b, h], descending=True, stable=True).indices[:14].tolist())
+            assert set(positions[b, h].tolist()) == top
+            assert set(range(4)) | set(range(N - window, N)) <= top
 
 
 # -- KVzip ------------------------------------------------------------------------------------------
@@ -276,6 +279,7 @@ def test_expected_attention_holds_its_budget_under_a_position_method():
         ("expected_attention:budget=8,future=0", "'future'"),
         ("expected_attention:budget=8,epsilon=-1", "'epsilon'"),
         ("expected_attention:budget=8,sinks=-1", "'sinks'"),
+        ("expected_attention:budget=8,window=-2", "'window'"),
         ("kvzip:ratio=0.5,allocation=layers", "'allocation' must be one of global, layer, head"),
         ("kvzip:ratio=0.5,span=0", "'span'"),
         ("kvzip:budget=4,ratio=0.5", "exactly one of 'budget'"),

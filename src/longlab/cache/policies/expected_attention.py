@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longlab.cache.policy import EvictionPolicy, ScoreContext, protect
+from longlab.cache.policy import EvictionPolicy, ScoreContext, protect, recent
 from longlab.cache.rotation import expected_rotation
 from longlab.method import check_range, register
 
@@ -25,6 +25,9 @@ class ExpectedAttention(EvictionPolicy):
     of the KV head, and weighted by the value's norm: score = (a + ``epsilon``)·‖v‖, the expected
     contribution to the residual stream. The first ``sinks`` positions are always kept and left out of
     the softmax. ``covariance=false`` drops the second term, ``vnorm=false`` the value weighting.
+    ``window=W`` (not in the paper; default 0) also always keeps the last W tokens: kvpress compresses
+    the context alone and appends the question uncompressed, while longlab compresses whole prompts,
+    so W at least the question's length restores that protocol.
 
     longlab caches keys unrotated, so R̄ is formed per key from the active position method's own
     rotations: for each of the ``future`` positions t that sees key j, the segment that admits the pair
@@ -42,12 +45,14 @@ class ExpectedAttention(EvictionPolicy):
     covariance: bool = True
     vnorm: bool = True
     epsilon: float = 0.0
+    window: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range(self.name, "future", self.future, low=1, integer=True)
         check_range(self.name, "sinks", self.sinks, low=0, integer=True)
         check_range(self.name, "epsilon", self.epsilon, low=0)
+        check_range(self.name, "window", self.window, low=0, integer=True)
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q.double()
@@ -74,4 +79,5 @@ class ExpectedAttention(EvictionPolicy):
         if self.vnorm:
             values = ctx.layer.entries.dense("values").double()
             probabilities = (probabilities + self.epsilon) * torch.linalg.vector_norm(values, dim=-1)
-        return protect(probabilities.masked_fill(~seen, 0.0), sink)  # no future query reads an unseen key
+        kept = sink | recent(ctx.positions, ctx.valid, self.window)
+        return protect(probabilities.masked_fill(~seen, 0.0), kept)  # no future query reads an unseen key
