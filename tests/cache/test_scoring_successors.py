@@ -96,6 +96,7 @@ REMAPS = [
     ("rerope:window=12", "rerope", {"window": 12}),
     ("dca:chunk_size=14,local_window=4", "dca", {"chunk_size": 14, "local_window": 4}),
     ("lm_infinite:band=20,n_global=3", "lm_infinite", {"band": 20, "n_global": 3, "original_length": 64}),
+    ("string:shift=20,window=4", "string", {"shift": 20, "window": 4}),
 ]
 
 
