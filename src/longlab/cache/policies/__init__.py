@@ -3,9 +3,11 @@
 from longlab.cache.policies import (  # noqa: F401  (imported to register the policies)
     adakv,
     duo,
+    expected_attention,
     full,
     h2o,
     knorm,
+    kvzip,
     pyramidkv,
     quantized,
     random,
