@@ -59,5 +59,6 @@ class MapReduce(ChainMethod):
             groups[-1].append(answer)
             used += size
         if len(groups) > 1 and len(groups[-1]) == 1:  # a lone answer joins the group before it
-            groups[-2] += groups.pop()
+            lone = groups.pop()
+            groups[-1] += lone
         return groups

@@ -5,6 +5,7 @@ chunk out (numpy, on the CPU: retrieval reads strings, not the model's tensors).
 from __future__ import annotations
 
 import functools
+import logging
 from importlib import resources
 
 import numpy as np
@@ -24,8 +25,9 @@ def _tokenize(texts: list[str]) -> list[list[str]]:
 
 
 def bm25_scores(question: str, chunks: list[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
-    """Okapi BM25 (Robertson & Zaragoza, 2009, eq. 3.15; bm25s's default Lucene variant, idf
-    ln(1 + (N - df + 0.5) / (df + 0.5))) of each chunk for the question's words; stopwords dropped."""
+    """Okapi BM25 (Robertson & Zaragoza, 2009, "The Probabilistic Relevance Framework: BM25 and
+    Beyond", eq. 3.15) of each chunk for the question's words, stopwords dropped, in bm25s's default
+    Lucene variant: idf ln(1 + (N - df + 0.5) / (df + 0.5)) and no (k1 + 1) factor (a constant scale)."""
     import bm25s
 
     corpus = bm25s.tokenize(chunks, stopwords=STOPWORDS, show_progress=False)
@@ -42,12 +44,17 @@ def wordllama():
     """The WordLlama model (Miller, 2024) from the files inside the ``wordllama`` package, read once.
     Loaded from those paths directly: ``WordLlama.load`` looks for the tokenizer in a folder the
     package does not have and would go to the network for it."""
+    root_logger = logging.getLogger()
+    handlers, level = list(root_logger.handlers), root_logger.level
     try:
         from safetensors import safe_open
         from wordllama import WordLlama
         from wordllama.inference import WordLlamaInference
     except ImportError:
         raise LonglabError("the dense retriever needs wordllama: pip install 'longlab[context]'") from None
+    finally:  # wordllama calls logging.basicConfig on import; the host's logging is not its to set
+        root_logger.handlers[:] = handlers
+        root_logger.setLevel(level)
     root = resources.files("wordllama")
     weights = root / "weights" / f"{WORDLLAMA_CONFIG}_{WORDLLAMA_DIM}.safetensors"
     tokenizer_file = root / "tokenizers" / f"{WORDLLAMA_CONFIG}_tokenizer_config.json"
