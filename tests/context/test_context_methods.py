@@ -301,7 +301,7 @@ def test_empty_context_and_missing_question_are_clear_errors(words, tiny, spec):
     [
         ("rag:top_k=0", "rag: parameter 'top_k' must be an integer >= 1"),
         ("rag:retriever=splade", "rag: parameter 'retriever' must be one of bm25, dense, hybrid"),
-        ("rag:chunk_size=8,overlap=8", "rag: parameter 'overlap' must be an integer >= 0 and <= 7"),
+        ("rag:chunk_size=8,overlap=8", "rag: parameter 'overlap' must be < 'chunk_size', got 8 and 8"),
         ("map_reduce:chunk_size=0", "map_reduce: parameter 'chunk_size' must be an integer >= 1"),
         ("compress:unit=phrase", "compress: parameter 'unit' must be one of token, word"),
     ],

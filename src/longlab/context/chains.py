@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from longlab.context.base import FRAME_TOKENS, ContextMethod, ContextQuery, check_query
 from longlab.context.chunks import chunk_text
-from longlab.method import check_range
+from longlab.method import check_order, check_range
 
 # map_reduce's combine step: the partial answers, one a line, stand in for the context
 COMBINE_CONTEXT = "Answers found in parts of the text:\n{answers}"
@@ -42,7 +42,8 @@ class ChainMethod(ContextMethod):
 
     def __post_init__(self) -> None:
         check_range(self.name, "chunk_size", self.chunk_size, low=1, integer=True)
-        check_range(self.name, "overlap", self.overlap, low=0, high=self.chunk_size - 1, integer=True)
+        check_range(self.name, "overlap", self.overlap, low=0, integer=True)
+        check_order(self.name, "overlap", self.overlap, "chunk_size", self.chunk_size, strict=True)
         check_range(self.name, "batch", self.batch, low=1, integer=True)
 
     def chunks(self, tokenizer, query: ContextQuery) -> list[str]:

@@ -10,7 +10,7 @@ from longlab.context.chunks import chunk_spans, join_spans
 from longlab.context.llm import complete
 from longlab.context.retrievers import RETRIEVERS, scores, top_k
 from longlab.errors import SpecError
-from longlab.method import check_range, register
+from longlab.method import check_order, check_range, register
 
 
 @register
@@ -35,7 +35,8 @@ class Rag(ContextMethod):
 
     def __post_init__(self) -> None:
         check_range(self.name, "chunk_size", self.chunk_size, low=1, integer=True)
-        check_range(self.name, "overlap", self.overlap, low=0, high=self.chunk_size - 1, integer=True)
+        check_range(self.name, "overlap", self.overlap, low=0, integer=True)
+        check_order(self.name, "overlap", self.overlap, "chunk_size", self.chunk_size, strict=True)
         check_range(self.name, "top_k", self.top_k, low=1, integer=True)
         check_range(self.name, "weight", self.weight, low=0, high=1)
         if self.retriever not in RETRIEVERS:
