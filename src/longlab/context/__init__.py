@@ -2,7 +2,7 @@
 input rather than the model -- retrieval, chunk-and-combine chains, parallel context windows, NBCE,
 prompt compression. Importing this package registers the methods under their spec names."""
 
-from longlab.context import nbce, pcw  # noqa: F401  (imported to register the methods)
+from longlab.context import compress, map_reduce, map_rerank, nbce, pcw, rag, refine  # noqa: F401  (registers them)
 from longlab.context.base import ContextMethod, ContextQuery
 
 __all__ = ["ContextMethod", "ContextQuery"]

@@ -61,11 +61,36 @@ CWE_ANSWER_PREFIX = " Answer: The top {count} words that appear most often in th
 
 @dataclass
 class Sample:
-    """One prompt, the strings a correct answer contains, and what describes it."""
+    """One prompt, the strings a correct answer contains, and what describes it. ``parts`` is the
+    prompt split as (instruction, context, question) -- their concatenation is exactly ``prompt`` --
+    for context methods, which change the context and keep the rest; None where a task cannot split."""
 
     prompt: str
     answers: list[str]
     meta: dict = field(default_factory=dict)
+    parts: tuple[str, str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.parts is not None and "".join(self.parts) != self.prompt:
+            raise ValueError("a sample's parts (instruction, context, question) must join to its prompt")
+
+
+SLOT = "\x00CONTEXT\x00"  # stands in for the context when a template is split around it
+
+
+def split_prompt(prompt: str, head: str, tail: str) -> tuple[str, str, str] | None:
+    """(head, middle, tail) when ``prompt`` starts with ``head`` and ends with ``tail`` (the texts a
+    template puts before and after its context), else None: the prompt cannot be split."""
+    if len(head) + len(tail) > len(prompt) or not prompt.startswith(head) or not prompt.endswith(tail):
+        return None
+    return head, prompt[len(head) : len(prompt) - len(tail)], tail
+
+
+def split_template(prompt: str, filled: str) -> tuple[str, str, str] | None:
+    """Split ``prompt`` around its context, given the same template ``filled`` with :data:`SLOT` as
+    the context: the text before the slot is the instruction, the text after it the question."""
+    head, _, tail = filled.partition(SLOT)
+    return split_prompt(prompt, head, tail)
 
 
 @functools.cache
@@ -160,7 +185,8 @@ def passkey(
         return "\n".join([PASSKEY_TASK, unit(before), needle, unit(n - before), PASSKEY_QUESTION])
 
     prompt, _ = fit(tokenizer, build, length - answer_tokens)
-    return Sample(prompt, [key], {"task": "passkey", "length": length, "depth": depth})
+    parts = split_prompt(prompt, PASSKEY_TASK + "\n", "\n" + PASSKEY_QUESTION)
+    return Sample(prompt, [key], {"task": "passkey", "length": length, "depth": depth}, parts)
 
 
 def niah_single(
@@ -184,7 +210,9 @@ def niah_single(
         return prompt + NIAH_ANSWER_PREFIX_SINGULAR.format(type=kind, query=key)
 
     prompt, _ = fit(tokenizer, build, length - answer_tokens)
-    return Sample(prompt, [value], {"task": "niah_single", "length": length, "depth": depth})
+    filled = NIAH_TEMPLATE_SINGULAR.format(type=kind, context=SLOT, query=key)
+    parts = split_template(prompt, filled + NIAH_ANSWER_PREFIX_SINGULAR.format(type=kind, query=key))
+    return Sample(prompt, [value], {"task": "niah_single", "length": length, "depth": depth}, parts)
 
 
 def key_value_lookup(tokenizer, length: int, rng: random.Random, queries: int = 4, answer_tokens: int = 12) -> Sample:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from longlab.data import synthetic
 from longlab.data.haystack import filler
-from longlab.data.synthetic import NOISE, Sample, token_count
+from longlab.data.synthetic import NOISE, SLOT, Sample, split_template, token_count
 from longlab.eval.scoring import string_match_all
 
 
@@ -186,7 +186,8 @@ def needle_sample(name: str, tokenizer, length: int, rng: random.Random, folder:
     depth = None
     if len(needles) == 1:
         depth = depths[0] / 100 if task.haystack == "prose" else positions(n)[0] / n
-    return Sample(prompt, answers, {"task": name, "length": length, "depth": depth})
+    filled = template.format(type=kind, context=SLOT, query=query) + prefix.format(type=kind, query=query)
+    return Sample(prompt, answers, {"task": name, "length": length, "depth": depth}, split_template(prompt, filled))
 
 
 # -- variable tracking ---------------------------------------------------------------------------
@@ -231,7 +232,9 @@ def vt_sample(tokenizer, length: int, rng: random.Random, answer_tokens: int = 3
         return example + "\n" + _vt_text(names, value, n, place_seed)
 
     prompt, _ = _fit(tokenizer, build, length, answer_tokens, "vt", least=hops + 1, most=None)
-    return Sample(prompt, names, {"task": "vt", "length": length})
+    filled = example + "\n" + synthetic.VT_TEMPLATE.format(context=SLOT, query=value)
+    filled += synthetic.VT_ANSWER_PREFIX.format(count=len(names), query=value)
+    return Sample(prompt, names, {"task": "vt", "length": length}, split_template(prompt, filled))
 
 
 # -- common words --------------------------------------------------------------------------------
@@ -276,7 +279,9 @@ def cwe_sample(tokenizer, length: int, rng: random.Random, answer_tokens: int = 
         return example + "\n" + _cwe_text(words[:n], *repeats, order_seed)
 
     prompt, _ = _fit(tokenizer, build, length, answer_tokens, "cwe", least=CWE_COMMON, most=len(pool))
-    return Sample(prompt, words[:CWE_COMMON], {"task": "cwe", "length": length})
+    filled = example + "\n" + synthetic.CWE_TEMPLATE.format(context=SLOT, count=CWE_COMMON)
+    filled += synthetic.CWE_ANSWER_PREFIX.format(count=CWE_COMMON)
+    return Sample(prompt, words[:CWE_COMMON], {"task": "cwe", "length": length}, split_template(prompt, filled))
 
 
 # -- frequent words ------------------------------------------------------------------------------
@@ -318,7 +323,8 @@ def fwe_sample(tokenizer, length: int, rng: random.Random, answer_tokens: int = 
         return FWE_TEMPLATE.format(context=" ".join(coded)) + FWE_ANSWER_PREFIX
 
     prompt, _ = _fit(tokenizer, build, length, answer_tokens, "fwe", least=least, most=None)
-    return Sample(prompt, ranked[1:4], {"task": "fwe", "length": length})
+    parts = split_template(prompt, FWE_TEMPLATE.format(context=SLOT) + FWE_ANSWER_PREFIX)
+    return Sample(prompt, ranked[1:4], {"task": "fwe", "length": length}, parts)
 
 
 def sample(name: str, tokenizer, length: int, rng: random.Random, folder: str | None = None,

@@ -175,11 +175,14 @@ def _check_before_work(model, methods: list[Composition], lengths: list[int], co
     for spec in methods:
         position = spec.of_kind("position")
         reach = position.resolve(rope).reach() if position is not None else None
-        too_long = [n for n in lengths if reach is not None and n > reach]
+        context = spec.context  # a context method makes the model read less than the input: chunks, a summary
+        read = {n: context.read_length(n) if context is not None else n for n in lengths}
+        too_long = [n for n in lengths if reach is not None and read[n] > reach]
         if too_long and not config.allow_beyond_reach:
+            reads = "" if context is None else f" (the model reads up to {max(read[n] for n in too_long)} of them)"
             raise LonglabError(
                 f"method {str(spec)!r} is designed for inputs up to {reach} tokens (L_train = {rope.original_length}); "
-                f"lengths {too_long} are beyond it. Raise its factor/group, drop those lengths, "
+                f"lengths {too_long} are beyond it{reads}. Raise its factor/group, drop those lengths, "
                 "or pass --allow-beyond-reach to measure the breakdown"
             )
     need = memory_estimate(model, max(lengths), config.batch_size)
@@ -310,6 +313,7 @@ def _run(config, compositions, methods, tasks, lengths, ranks, device, dtype_nam
 
     # every prompt is built before any work
     prepared = _prepare_samples(list(cells.values()), tokenizer, config.seed, config.chat, show=ranks.rank == 0)
+    _check_context_cells(list(cells.values()), compositions, prepared)
     mine = [(index, cell) for index, cell in enumerate(cells.values()) if index % ranks.world == ranks.rank]
     total = sum(cell.task.cell_size(cell.count) for _, cell in mine)
     overall = tqdm(total=total, desc="eval" if ranks.world == 1 else f"eval rank {ranks.rank}", unit="sample")
@@ -326,7 +330,7 @@ def _run(config, compositions, methods, tasks, lengths, ranks, device, dtype_nam
         bar = tqdm(total=len(todo), desc=f"{cell.method} | {cell.label} | {cell.length}", unit="sample", leave=False)
         context = CellContext(model, tokenizer, cell.subtask, cell.length, cell.count,
                               prepared.get((cell.label, cell.length)), config.chat, config.batch_size, held_out,
-                              seed=config.seed)  # fmt: skip
+                              seed=config.seed, context=compositions[cell.method].context)  # fmt: skip
         batches = cell.task.measure(context, todo)
         while True:  # the task does the work of each batch; the runner times it and records its rows
             memory.reset_peak(device)
@@ -371,6 +375,21 @@ def _prepare_samples(
         except ValueError as error:
             raise LonglabError(f"task {cell.label!r} at length {cell.length}: {error}") from None
     return prepared
+
+
+def _check_context_cells(cells: list[Cell], compositions: dict[str, Composition], prepared: dict) -> None:
+    """Before any work: a context method runs on generation tasks whose every prompt splits into
+    instruction, context and question."""
+    for cell in cells:
+        if compositions[cell.method].context is None:
+            continue
+        if cell.task.kind != "generation":
+            raise LonglabError(
+                f"method {cell.method!r} changes the input, and task {cell.label!r} scores a text's "
+                "perplexity rather than answering a prompt; run context methods on generation tasks"
+            )
+        for sample in prepared[cell.label, cell.length]:
+            cell.task.query(cell.subtask, sample)
 
 
 def _cost(began: float, device: torch.device, share: int) -> dict:

@@ -11,8 +11,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from longlab.context.base import ContextMethod, ContextQuery
 from longlab.data.synthetic import Sample
-from longlab.errors import SpecError
+from longlab.errors import LonglabError, SpecError
 from longlab.eval.generation import held_out_tokens
 from longlab.generation import encode, generate_answers
 from longlab.method import field_types
@@ -58,6 +59,7 @@ class CellContext:
     batch_size: int
     held_out: HeldOut
     seed: int = 0
+    context: ContextMethod | None = None  # the composition's context method: it answers instead
 
 
 @dataclass(frozen=True)
@@ -128,16 +130,31 @@ class Task:
         """Samples in one (subtask, length) cell for ``count`` samples asked."""
         return count
 
+    def query(self, subtask: str, sample: Sample) -> ContextQuery:
+        """A sample's prompt split for a context method; a clear error where the task gives no split."""
+        if sample.parts is None:
+            raise LonglabError(
+                f"task {self.labelled(subtask)!r} gives no question apart from its context for this sample "
+                f"(line {sample.meta.get('line', '?')}), which a context method needs: its prompt cannot be split "
+                "into instruction, context and question (a LongBench prompt cut into its question does this)"
+            )
+        return ContextQuery(*sample.parts)
+
     def measure(self, cell: CellContext, todo: list[int]) -> Iterator[tuple[list[int], list[dict]]]:
         """Measure samples ``todo`` of a cell, a batch at a time: yields (sample indices, their rows).
-        The runner times each batch and records its rows. Generation tasks: greedy answers, scored."""
+        The runner times each batch and records its rows. Generation tasks: greedy answers, scored --
+        by the cell's context method from the split prompts when the composition has one."""
         for start in range(0, len(todo), cell.batch_size):
             batch = todo[start : start + cell.batch_size]
             chat = cell.chat and self.uses_chat(cell.subtask)
             prompts = [encode(cell.tokenizer, cell.samples[i].prompt, chat) for i in batch]
-            answers = generate_answers(
-                cell.model, cell.tokenizer, prompts, self.new_tokens(cell.subtask), self.first_line(cell.subtask)
-            )
+            new_tokens, first_line = self.new_tokens(cell.subtask), self.first_line(cell.subtask)
+            if cell.context is not None:
+                queries = [self.query(cell.subtask, cell.samples[i]) for i in batch]
+                chat_flag = {"chat": True} if chat else {}  # methods without chat support still run plain
+                answers = cell.context.answer(cell.model, cell.tokenizer, queries, new_tokens, first_line, **chat_flag)
+            else:
+                answers = generate_answers(cell.model, cell.tokenizer, prompts, new_tokens, first_line)
             rows = []
             for i, prompt, answer in zip(batch, prompts, answers, strict=True):
                 sample = cell.samples[i]

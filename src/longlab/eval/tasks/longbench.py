@@ -12,7 +12,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from longlab.data.synthetic import Sample
+from longlab.data.synthetic import SLOT, Sample, split_template
 from longlab.errors import SpecError
 from longlab.eval.metrics import DATASET_METRIC, METRICS, PARAGRAPH, best_over_references, longbench_dataset
 from longlab.eval.tasks.base import Task, register
@@ -187,6 +187,7 @@ class Jsonl(Task):
         out = []
         for number, row in rows[:count]:
             prompt = template.format(**row)
+            filled = template.format(**{**row, "context": SLOT})
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             if len(ids) > budget:  # LongBench: keep the first and the last half of the budget
                 half = budget // 2
@@ -194,7 +195,8 @@ class Jsonl(Task):
                     ids[len(ids) - half :], skip_special_tokens=True
                 )
             meta = {"task": subtask, "length": length, "all_classes": row.get("all_classes"), "line": number}
-            out.append(Sample(prompt, row["answers"], meta))
+            # a cut that reaches into the instruction or the question leaves no split (split_template: None)
+            out.append(Sample(prompt, row["answers"], meta, split_template(prompt, filled)))
         return out
 
     def score(self, subtask, output, sample):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longlab.data.haystack import filler, prose_sentences
-from longlab.data.synthetic import Sample, fit
+from longlab.data.synthetic import Sample, fit, split_prompt
 from longlab.errors import LonglabError, SpecError
 from longlab.eval.scoring import string_match_all
 from longlab.eval.tasks.base import Task, register, stable_seed
@@ -65,7 +65,9 @@ class NeedleInAHaystack(Task):
                     return f"{context}\n\nQuestion: {self.question}\nAnswer: {self.answer_prefix}"
 
                 prompt, _ = fit(tokenizer, build, length - self.max_new_tokens)
-                out.append(Sample(prompt, [self.answer], {"task": "niah", "length": length, "depth": depth}))
+                tail = f"\n\nQuestion: {self.question}\nAnswer: {self.answer_prefix}"
+                meta = {"task": "niah", "length": length, "depth": depth}
+                out.append(Sample(prompt, [self.answer], meta, split_prompt(prompt, "", tail)))
         return out
 
     def score(self, subtask, output, sample):
