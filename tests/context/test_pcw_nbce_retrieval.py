@@ -375,3 +375,16 @@ def test_pcw_needs_a_patched_model(tiny):
     model, tokenizer = tiny
     with pytest.raises(LonglabError, match=r"longlab\.apply"):
         PCW().answer(model, tokenizer, [_passkey_query(tokenizer, 2)], 2, True)
+
+
+@pytest.mark.parametrize("spec", ["pcw:window=300", "nbce:chunk=300"])
+def test_chunk_readers_tell_the_runner_what_they_read_and_refuse_chat(spec):
+    """The runner's reach check counts a window plus the instruction and question, not the whole input;
+    --chat is refused by name (the parts are placed as raw token ids)."""
+    from longlab.context.base import FRAME_TOKENS
+
+    method = parse(spec)[0]
+    assert method.read_length(8192) == 300 + FRAME_TOKENS
+    assert method.read_length(100) == 100
+    with pytest.raises(LonglabError, match="--chat"):
+        method.answer(None, None, [], 4, True, chat=True)

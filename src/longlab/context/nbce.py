@@ -9,7 +9,8 @@ import torch
 from transformers import DynamicCache, TopPLogitsWarper
 
 import longlab.context.rows as chunks
-from longlab.context.base import ContextMethod, ContextQuery
+from longlab.context.base import FRAME_TOKENS, ContextMethod, ContextQuery
+from longlab.errors import LonglabError
 from longlab.method import check_range, register
 
 FLOOR = -100.0  # the reference code's clip: log-probabilities below it count as "truncated"
@@ -58,9 +59,22 @@ class NBCE(ContextMethod):
         check_range(self.name, "chunk", self.chunk, low=1, integer=True)
 
     def answer(
-        self, model: Any, tokenizer: Any, queries: list[ContextQuery], new_tokens: int, first_line: bool
+        self,
+        model: Any,
+        tokenizer: Any,
+        queries: list[ContextQuery],
+        new_tokens: int,
+        first_line: bool,
+        *,
+        chat: bool = False,
     ) -> list[str]:
+        if chat:  # the chunks are placed between the parts' token ids; a template would have to wrap each row
+            raise LonglabError(f"{self.name} reads the prompt's parts as raw tokens and has no chat form; drop --chat")
         return [self._answer(model, tokenizer, query, new_tokens, first_line) for query in queries]
+
+    def read_length(self, length: int) -> int:
+        # the default chunk fills what the training length leaves: within every position method's reach
+        return min(length, (self.chunk or 0) + FRAME_TOKENS)
 
     @torch.no_grad()
     def _answer(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:

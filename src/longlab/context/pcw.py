@@ -11,7 +11,7 @@ from transformers import DynamicCache
 import longlab.context.rows as chunks
 from longlab.cache.entries import Entries
 from longlab.cache.layer import LonglabLayer
-from longlab.context.base import ContextMethod, ContextQuery
+from longlab.context.base import FRAME_TOKENS, ContextMethod, ContextQuery
 from longlab.errors import LonglabError
 from longlab.method import check_range, register
 
@@ -42,9 +42,22 @@ class PCW(ContextMethod):
         check_range(self.name, "window", self.window, low=1, integer=True)
 
     def answer(
-        self, model: Any, tokenizer: Any, queries: list[ContextQuery], new_tokens: int, first_line: bool
+        self,
+        model: Any,
+        tokenizer: Any,
+        queries: list[ContextQuery],
+        new_tokens: int,
+        first_line: bool,
+        *,
+        chat: bool = False,
     ) -> list[str]:
+        if chat:  # the chunks are placed between the parts' token ids; a template would have to wrap each row
+            raise LonglabError(f"{self.name} reads the prompt's parts as raw tokens and has no chat form; drop --chat")
         return [self._answer(model, tokenizer, query, new_tokens, first_line) for query in queries]
+
+    def read_length(self, length: int) -> int:
+        # the default window fills what the training length leaves: within every position method's reach
+        return min(length, (self.window or 0) + FRAME_TOKENS)
 
     def windows(
         self, model: Any, tokenizer: Any, query: ContextQuery, new_tokens: int
