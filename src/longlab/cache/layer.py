@@ -33,6 +33,7 @@ class LonglabLayer(CacheLayerMixin):
         self.entries: Any = None  # Entries, or the policy's own store (quantized caches)
         self.seen = 0
         self.valid_seen: torch.Tensor | None = None  # (B,) real tokens seen per batch row
+        self.last_read = 0  # bytes attention read from this layer in its last call (docs/cache.md)
 
     # -- the transformers layer interface ------------------------------------------------------
 
@@ -58,7 +59,7 @@ class LonglabLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # the same question, as transformers < 5.3 asks it
 
     def reset(self) -> None:
-        self.entries, self.seen, self.valid_seen = None, 0, None
+        self.entries, self.seen, self.valid_seen, self.last_read = None, 0, None, 0
         self.is_initialized = False
 
     # batch reordering (beam search, contrastive search): every row's entries, per-entry policy
@@ -123,6 +124,15 @@ class LonglabLayer(CacheLayerMixin):
             attend_q_pos, k_pos = self.policy.attention_positions(q_pos, k_pos, key_valid)
         else:
             attend_q_pos = q_pos
+        table = scoring.table(int(attend_q_pos.max()) + 1)
+        ctx = ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale, scoring.layer_idx,
+                           scoring.n_layers)  # fmt: skip
+        if self.policy is not None:  # a policy may read only part of what it holds (Quest's pages)
+            reads = self.policy.reads(ctx, keys, values, k_pos, key_valid)
+            keys, values, k_pos, key_valid = reads.keys, reads.values, reads.positions, reads.valid
+            self.last_read = reads.nbytes
+        else:
+            self.last_read = self.nbytes
         if bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
             out = attend(q, keys, values, attend_q_pos, k_pos[:, 0], key_valid[:, 0])
         else:  # heads hold different tokens: fold KV heads into the batch, each with its query group
@@ -137,10 +147,8 @@ class LonglabLayer(CacheLayerMixin):
                 key_valid.reshape(b * hk, -1),
             ).view(b, hq, t, d)
         del keys, values
-        table = scoring.table(int(attend_q_pos.max()) + 1)
         with torch.no_grad():  # what to evict is a decision, not a function to differentiate
-            self.compress(ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale,
-                                       scoring.layer_idx, scoring.n_layers))  # fmt: skip
+            self.compress(ctx)
         return out
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -87,6 +87,18 @@ class ScoreContext:
 
 
 @dataclass(frozen=True)
+class Reads:
+    """What attention reads of a layer's entries for one call: keys, values (B, Hk, M, d), positions and
+    validity (B, Hk, M), and the bytes read — the entries and any metadata used to choose them."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class CachePolicy(Method):
     """A cache policy. ``chunk`` > 0 prefills prompts in chunks of that many tokens, compressing after
     each, so peak memory is bounded by the budget plus one chunk rather than the whole prompt."""
@@ -112,6 +124,11 @@ class CachePolicy(Method):
         """The positions attention rotates at: q_pos (B, Tq), k_pos (B, Hk, N) -> the same shapes.
         The tokens' own positions by default; StreamingLLM uses cache slots."""
         return q_pos, k_pos
+
+    def reads(self, ctx: ScoreContext, keys, values, k_pos, key_valid) -> Reads:
+        """What attention reads of the held entries (B, Hk, N, ...) for this call: all of them by
+        default; Quest reads only the pages a decoding query selects."""
+        return Reads(keys, values, k_pos, key_valid, ctx.layer.nbytes)
 
     def compress(self, ctx: ScoreContext) -> None:
         """Evict from ``ctx.layer`` after a forward call; the default keeps everything."""

@@ -6,6 +6,7 @@ from longlab.cache.policies import (  # noqa: F401  (imported to register the po
     h2o,
     knorm,
     pyramidkv,
+    quest,
     quantized,
     random,
     snapkv,
