@@ -403,6 +403,7 @@ _DEVICE_PARAMS = {
     "streaming": "sinks=4,window=36",
     "kv_int8": "residual=16",
     "kv_int4": "residual=16,group=8",
+    "quest": "budget=32,page=8,skip_layers=1",
 }
 
 
@@ -451,8 +452,8 @@ def test_every_cache_policy_keeps_its_cache_on_the_inputs_device(strict_device, 
 def test_device_specs_cover_every_registered_cache_policy():
     specs = _device_specs()
     names = {spec.split(":")[0] for spec in specs}
-    assert names == {"adakv", "full", "h2o", "knorm", "kv_int4", "kv_int8", "pyramidkv", "random", "snapkv",
-                     "streaming", "tova", "window"}  # fmt: skip
+    assert names == {"adakv", "full", "h2o", "knorm", "kv_int4", "kv_int8", "pyramidkv", "quest", "random",
+                     "snapkv", "streaming", "tova", "window"}  # fmt: skip
     assert all(any(s.startswith(name) and s.endswith("chunk=32") for s in specs) for name in names)
 
 

@@ -38,7 +38,9 @@ class Quest(CachePolicy):
 
     def __post_init__(self) -> None:
         if self.budget is None:
-            raise SpecError(f"{self.name}: parameter 'budget' (tokens read per decoding step, e.g. budget=1024) is required")
+            raise SpecError(
+                f"{self.name}: parameter 'budget' (tokens read per decoding step, e.g. budget=1024) is required"
+            )
         check_range(self.name, "budget", self.budget, low=1, integer=True)
         check_range(self.name, "page", self.page, low=1, integer=True)
         check_range(self.name, "skip_layers", self.skip_layers, low=0, integer=True)
