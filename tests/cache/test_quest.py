@@ -285,8 +285,8 @@ def test_quest_composes_with_dca_and_string_and_reads_only_the_budget(tiny, posi
             assert layer_stats.bytes_read == n * per_entry == layer_stats.bytes_held
         else:
             # one key map each (every DCA key at p mod s, every STRING key at p): a min and a max
-            # vector, and the first and last position (int64), per page and KV head
-            page_bytes = pages * 4 * (2 * 32 * size + 2 * 8)
+            # vector, and the first and last position (int32), per page and KV head
+            page_bytes = pages * 4 * (2 * 32 * size + 2 * 4)
             assert layer.entries.page_nbytes == page_bytes
             assert layer_stats.bytes_held == n * per_entry + page_bytes
             read = (3 * 16 + (n - (pages - 1) * 16)) * per_entry  # 3 full pages + the newest (partial) page

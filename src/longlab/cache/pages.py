@@ -38,8 +38,8 @@ class PagedEntries(Entries):
         self.maps: tuple[PositionMap, ...] = ()
         self.low: dict[PositionMap, torch.Tensor] = {}  # (B, H, P, d) per key map
         self.high: dict[PositionMap, torch.Tensor] = {}
-        self.first: torch.Tensor | None = None  # (B, H, P) int64, first real position (-1: no real entry)
-        self.last: torch.Tensor | None = None  # (B, H, P) int64, last real position (-1: no real entry)
+        self.first: torch.Tensor | None = None  # (B, H, P) int32, first real position (-1: no real entry)
+        self.last: torch.Tensor | None = None  # (B, H, P) int32, last real position (-1: no real entry)
         self.summarized = 0  # entries the page bounds cover
         self.table: FrequencyTable | None = None
 
@@ -100,8 +100,9 @@ class PagedEntries(Entries):
             # the kept pages' bounds are final; the copy is 1/page of what appending to the entries copies
             self.low[key_map] = _replace_tail(self.low.get(key_map), start, low)
             self.high[key_map] = _replace_tail(self.high.get(key_map), start, high)
-        self.first = _replace_tail(self.first, start, first)
-        self.last = _replace_tail(self.last, start, last)
+        # int32 like the entries' positions
+        self.first = _replace_tail(self.first, start, first.to(torch.int32))
+        self.last = _replace_tail(self.last, start, last.to(torch.int32))
         self.summarized = n
 
     def keep(self, mask: torch.Tensor) -> None:
@@ -146,6 +147,7 @@ def admitted(segment: Segment, q_pos: torch.Tensor, first: torch.Tensor, last: t
     consecutive tokens); when a segment combines a key limit with a distance range the test may also
     admit a page where no single key meets both — a superset, so the bound stays an upper bound."""
     q = q_pos.long()[:, None, None]
+    first, last = first.long(), last.long()
     near, far = q - last, q - first  # the smallest and largest distance to the page's keys
     ok = (last >= 0) & (far >= max(segment.min_distance, 0)) & (near < segment.max_distance)
     if segment.key_limit is not None:
