@@ -69,7 +69,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = longlab.load("tiny")
-    print("| L | position | cache | passkey % | bytes read / step (× full) | bytes held (× full) | decode ms/step (× full) |")
+    print(
+        "| L | position | cache | passkey % | bytes read / step (× full) | bytes held (× full) "
+        "| decode ms/step (× full) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for length in (int(x) for x in args.lengths.split(",")):
         position = POSITIONS.get(length, "dca")
