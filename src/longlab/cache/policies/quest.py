@@ -37,15 +37,15 @@ class Quest(CachePolicy):
     skip_layers: int = 2
 
     def __post_init__(self) -> None:
+        check_range(self.name, "budget", self.budget, low=1, integer=True)
+        check_range(self.name, "page", self.page, low=1, integer=True)
+        check_range(self.name, "skip_layers", self.skip_layers, low=0, integer=True)
+        self.check_chunk()
         if self.budget is None:
             raise SpecError(
                 f"{self.name}: parameter 'budget' (tokens read per decoding step, e.g. budget=1024) is required"
             )
-        check_range(self.name, "budget", self.budget, low=1, integer=True)
-        check_range(self.name, "page", self.page, low=1, integer=True)
-        check_range(self.name, "skip_layers", self.skip_layers, low=0, integer=True)
         check_order(self.name, "page", self.page, "budget", self.budget, strict=False)
-        self.check_chunk()
 
     @property
     def pages_read(self) -> int:
