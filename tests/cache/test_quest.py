@@ -352,3 +352,24 @@ def test_padding_only_pages_are_never_bounded_above_minus_infinity():
     bounds = page_bounds(store, q, torch.full((B,), N - 1), _segments("none"), TABLE)
     assert bool((bounds[1, :, :2] == -math.inf).all()) and bool(torch.isfinite(bounds[1, :, 3:]).all())
     assert bool(torch.isfinite(bounds[0]).all())
+
+
+def test_reordering_batch_rows_moves_their_page_bounds():
+    """Beam search reorders rows: each row's page bounds move with it, equal to bounds recomputed
+    from the reordered entries."""
+    _, k, _ = _tensors(groups=1)
+    store = _store(k, "selfextend")
+    store.select(torch.tensor([1, 1, 0]))
+    fresh = PagedEntries.paged({name: store.dense(name) for name in store.fields}, PAGE)
+    fresh.refresh(store.maps, TABLE)
+    for key_map in store.maps:
+        assert torch.equal(store.low[key_map], fresh.low[key_map])
+        assert torch.equal(store.high[key_map], fresh.high[key_map])
+    assert torch.equal(store.first, fresh.first) and torch.equal(store.last, fresh.last)
+
+
+def test_beam_search_decodes_with_quest():
+    model = longlab.apply(build(), "quest:budget=16,page=4,skip_layers=0")
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False)
+    assert out.shape == (1, 64) and longlab.cache_stats(model).bytes_read < longlab.cache_stats(model).bytes_held
