@@ -405,6 +405,7 @@ _DEVICE_PARAMS = {
     "kv_int8": "residual=16",
     "kv_int4": "residual=16,group=8",
     "retrieval_attention": "sinks=4,window=36,top_k=8",
+    "quest": "budget=32,page=8,skip_layers=1",
 }
 
 
@@ -455,7 +456,7 @@ def test_device_specs_cover_every_registered_cache_policy():
     specs = _device_specs()
     names = {spec.split(":")[0] for spec in specs}
     assert names == {"adakv", "expected_attention", "full", "h2o", "knorm", "kv_int4", "kv_int8", "kvzip",
-                     "pyramidkv", "random", "retrieval_attention", "snapkv", "streaming", "tova", "window"}  # fmt: skip
+                     "pyramidkv", "quest", "random", "retrieval_attention", "snapkv", "streaming", "tova", "window"}  # fmt: skip
     assert all(any(s.startswith(name) and s.endswith("chunk=32") for s in specs) for name in names)
 
 

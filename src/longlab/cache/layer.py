@@ -33,6 +33,7 @@ class LonglabLayer(CacheLayerMixin):
         self.entries: Any = None  # Entries, or the policy's own store (quantized caches)
         self.seen = 0
         self.valid_seen: torch.Tensor | None = None  # (B,) real tokens seen per batch row
+        self.last_read = 0  # bytes attention read from this layer in its last call (docs/cache.md)
 
     # -- the transformers layer interface ------------------------------------------------------
 
@@ -58,7 +59,7 @@ class LonglabLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # the same question, as transformers < 5.3 asks it
 
     def reset(self) -> None:
-        self.entries, self.seen, self.valid_seen = None, 0, None
+        self.entries, self.seen, self.valid_seen, self.last_read = None, 0, None, 0
         self.is_initialized = False
 
     # batch reordering (beam search, contrastive search): every row's entries, per-entry policy
@@ -118,14 +119,21 @@ class LonglabLayer(CacheLayerMixin):
         q_pos, q_valid (B, T)), attend over what the layer holds with ``attend(q, k, v, q_pos, k_pos,
         key_valid)``, then let the policy compress. The model's one cache hook."""
         self.append(k, v, q_pos, q_valid)
-        # what the queries read: everything held, or (retrieval) per query head what the policy picks
-        keys, values, k_pos, key_valid = (
-            self.policy.read(self, q, q_pos, scoring) if self.policy is not None else self.view()
-        )
+        keys, values, k_pos, key_valid = self.view()
         if self.policy is not None:
             attend_q_pos, k_pos = self.policy.attention_positions(q_pos, k_pos, key_valid)
         else:
             attend_q_pos = q_pos
+        table = scoring.table(int(attend_q_pos.max()) + 1)
+        ctx = ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale, scoring.layer_idx,
+                           scoring.n_layers)  # fmt: skip
+        # a policy may read part of what it holds (Quest's pages) or, per query head, more (retrieval's far keys)
+        if self.policy is not None:
+            reads = self.policy.reads(ctx, keys, values, k_pos, key_valid)
+            keys, values, k_pos, key_valid = reads.keys, reads.values, reads.positions, reads.valid
+            self.last_read = reads.nbytes
+        else:
+            self.last_read = self.nbytes
         # a policy may place the queries per KV head (B, Hk, Tq): DuoAttention's streaming heads at cache slots
         same_q = attend_q_pos.dim() == 2 or bool((attend_q_pos == attend_q_pos[:, :1]).all())
         if same_q and bool((k_pos == k_pos[:, :1]).all()) and bool((key_valid == key_valid[:, :1]).all()):
@@ -144,9 +152,6 @@ class LonglabLayer(CacheLayerMixin):
                 key_valid.reshape(b * hk, -1),
             ).view(b, hq, t, d)
         del keys, values
-        table = scoring.table(int(attend_q_pos.max()) + 1)
-        ctx = ScoreContext(self, q, q_pos, q_valid, scoring.segments, table, scoring.scale, scoring.layer_idx,
-                           scoring.n_layers)  # fmt: skip
         if self.policy is not None:
             out = self.policy.reweight(ctx, out, attend_q_pos, k_pos, key_valid)
         with torch.no_grad():  # what to evict is a decision, not a function to differentiate

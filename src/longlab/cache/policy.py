@@ -87,6 +87,19 @@ class ScoreContext:
 
 
 @dataclass(frozen=True)
+class Reads:
+    """What attention reads of a layer's entries for one call: keys, values (B, H, M, d), positions and
+    validity (B, H, M) -- H the KV heads, or the query heads for a policy that reads per query head --
+    and the bytes read — the entries and any metadata used to choose them."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class CachePolicy(Method):
     """A cache policy. ``chunk`` > 0 prefills prompts in chunks of that many tokens, compressing after
     each, so peak memory is bounded by the budget plus one chunk rather than the whole prompt."""
@@ -126,13 +139,11 @@ class CachePolicy(Method):
         uses cache slots."""
         return q_pos, k_pos
 
-    def read(
-        self, layer: LonglabLayer, q: torch.Tensor, q_pos: torch.Tensor, scoring: Scoring
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What the queries q (B, Hq, Tq, d) at q_pos (B, Tq) attend to: keys, values (B, H, N, d),
-        positions and validity (B, H, N), H the KV heads or, for a policy that picks keys per query
-        head (retrieval), the query heads. Everything the layer holds by default."""
-        return layer.view()
+    def reads(self, ctx: ScoreContext, keys, values, k_pos, key_valid) -> Reads:
+        """What attention reads for this call, given the held entries (B, Hk, N, ...): all of them by
+        default; Quest reads only the pages a decoding query selects; retrieval adds, per query head,
+        the far keys it retrieves (then the head axis is the query heads)."""
+        return Reads(keys, values, k_pos, key_valid, ctx.layer.nbytes)
 
     def compress(self, ctx: ScoreContext) -> None:
         """Evict from ``ctx.layer`` after a forward call; the default keeps everything."""

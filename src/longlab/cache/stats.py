@@ -16,6 +16,7 @@ class LayerStats:
     tokens: list[list[int]]  # entries held per [batch row][KV head]
     bytes_held: int  # the entries: keys, values, positions, per-entry scores
     bytes_full: int  # what an uncompressed transformers cache would hold for the tokens seen
+    bytes_read: int = 0  # what attention read in the layer's last call (Quest: chosen pages + page bounds)
 
 
 @dataclass(frozen=True)
@@ -32,15 +33,24 @@ class CacheStats:
         return sum(layer.bytes_full for layer in self.layers)
 
     @property
+    def bytes_read(self) -> int:
+        """Bytes attention read in each layer's last call (a decoding step, after generate())."""
+        return sum(layer.bytes_read for layer in self.layers)
+
+    @property
     def ratio(self) -> float:
         """Bytes held / bytes a full cache would hold."""
         return self.bytes_held / self.bytes_full if self.bytes_full else 1.0
 
     def __str__(self) -> str:
         kept = [t for layer in self.layers for row in layer.tokens for t in row]
+        # shown where attention reads less than the cache holds (Quest's pages)
+        sparse = self.bytes_read < self.bytes_held
+        read = f", {self.bytes_read / 2**20:.2f} MiB read by the last step" if sparse else ""
         return (
             f"{len(self.layers)} layers, {self.seen} tokens seen, {min(kept)}-{max(kept)} kept per head; "
             f"{self.bytes_held / 2**20:.2f} MiB held vs {self.bytes_full / 2**20:.2f} MiB full ({self.ratio:.1%})"
+            f"{read}"
         )
 
 
@@ -64,5 +74,5 @@ def cache_stats(source: Any) -> CacheStats:
         tokens = [flat[offset + r * heads : offset + (r + 1) * heads] for r in range(rows)]
         offset += rows * heads
         per_token = 2 * layer.kv_heads * layer.head_dim * torch.finfo(layer.dtype).bits // 8
-        stats.append(LayerStats(tokens, layer.nbytes, per_token * rows * layer.seen))
+        stats.append(LayerStats(tokens, layer.nbytes, per_token * rows * layer.seen, layer.last_read))
     return CacheStats(layers[0].seen, stats)

@@ -10,6 +10,7 @@ from longlab.cache.policies import (  # noqa: F401  (imported to register the po
     kvzip,
     pyramidkv,
     quantized,
+    quest,
     random,
     razor,
     retrieval,

@@ -9,7 +9,7 @@ import torch
 
 from longlab.cache.entries import Entries
 from longlab.cache.far import FarStore
-from longlab.cache.policy import CachePolicy, ScoreContext, Scoring, keep_top, protect
+from longlab.cache.policy import CachePolicy, Reads, ScoreContext, keep_top, protect
 from longlab.errors import LonglabError
 from longlab.method import check_range, register
 from longlab.positions.rope import rotate
@@ -78,29 +78,32 @@ class RetrievalAttention(CachePolicy):
     def new_store(self, fields: dict[str, torch.Tensor]) -> Entries:
         return RetrievalEntries.from_dense(fields)
 
-    def read(self, layer, q: torch.Tensor, q_pos: torch.Tensor, scoring: Scoring):
-        keys, values, positions, valid = layer.view()
-        far: FarStore | None = layer.entries.far
+    def reads(self, ctx: ScoreContext, keys, values, positions, valid) -> Reads:
+        held_bytes = ctx.layer.nbytes
+        far: FarStore | None = ctx.layer.entries.far
         if far is None or far.length == 0:
-            return keys, values, positions, valid
+            return Reads(keys, values, positions, valid, held_bytes)
         b, hk, _, d = keys.shape
+        q = ctx.q
         if q.shape[2] > 1:  # a prompt or prefill chunk reads every token, held and far
-            far_k, far_v, far_pos = (x.reshape(b, hk, far.length, *x.shape[2:]) for x in far.everything())
+            everything = far.everything()
+            far_k, far_v, far_pos = (x.reshape(b, hk, far.length, *x.shape[2:]) for x in everything)
             positions = torch.cat((far_pos.long(), positions), dim=2)
-            return torch.cat((far_k, keys), dim=2), torch.cat((far_v, values), dim=2), positions, positions >= 0
+            return Reads(torch.cat((far_k, keys), dim=2), torch.cat((far_v, values), dim=2), positions, positions >= 0,
+                         held_bytes + sum(x.nbytes for x in everything))  # fmt: skip
         hq = q.shape[1]
         group = hq // hk
-        table = scoring.table(int(q_pos.max()) + 1)
-        rotated_q = rotate(q, far_segment(scoring.segments).query_map(q_pos), table)  # as far keys see it
+        rotated_q = rotate(q, far_segment(ctx.segments).query_map(ctx.q_pos), ctx.table)  # as far keys see it
         slots = far.index.search(rotated_q.reshape(b * hk, group, d), self.top_k)  # (B * Hk, G, k)
         k = slots.shape[-1]
         got_k, got_v, got_pos = far.gather(slots.reshape(b * hk, group * k))
+        fetched = got_k.nbytes + got_v.nbytes + got_pos.nbytes
         got_k, got_v = (x.view(b, hq, k, d) for x in (got_k, got_v))
         got_pos = got_pos.view(b, hq, k).long()
-        held = (keys, values, positions)
-        held_k, held_v, held_pos = (x.repeat_interleave(group, dim=1) for x in held)
+        held_k, held_v, held_pos = (x.repeat_interleave(group, dim=1) for x in (keys, values, positions))
         positions = torch.cat((got_pos, held_pos), dim=2)
-        return torch.cat((got_k, held_k), dim=2), torch.cat((got_v, held_v), dim=2), positions, positions >= 0
+        return Reads(torch.cat((got_k, held_k), dim=2), torch.cat((got_v, held_v), dim=2), positions, positions >= 0,
+                     held_bytes + fetched)  # fmt: skip
 
     def compress(self, ctx: ScoreContext) -> None:
         entries: RetrievalEntries = ctx.layer.entries
