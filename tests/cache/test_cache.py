@@ -455,8 +455,8 @@ def test_every_cache_policy_keeps_its_cache_on_the_inputs_device(strict_device, 
 def test_device_specs_cover_every_registered_cache_policy():
     specs = _device_specs()
     names = {spec.split(":")[0] for spec in specs}
-    assert names == {"adakv", "expected_attention", "full", "h2o", "knorm", "kv_int4", "kv_int8", "kvzip",
-                     "pyramidkv", "quest", "random", "retrieval_attention", "snapkv", "streaming", "tova", "window"}  # fmt: skip
+    assert names == {"adakv", "expected_attention", "full", "h2o", "knorm", "kv_int4", "kv_int8", "kvzip", "pyramidkv",
+                     "quest", "random", "retrieval_attention", "snapkv", "streaming", "tova", "window"}  # fmt: skip
     assert all(any(s.startswith(name) and s.endswith("chunk=32") for s in specs) for name in names)
 
 
