@@ -14,10 +14,6 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-import longlab.cache.policies
-import longlab.context
-import longlab.positions  # noqa: F401  (registers the methods)
-import longlab.prefill
 from longlab.errors import SpecError
 from longlab.method import KINDS, REGISTRY, Method, check_finite, field_types
 
