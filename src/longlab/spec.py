@@ -14,6 +14,10 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+import longlab.cache.policies
+import longlab.context
+import longlab.positions
+import longlab.prefill  # noqa: F401  (registers the methods)
 from longlab.errors import SpecError
 from longlab.method import KINDS, REGISTRY, Method, check_finite, field_types
 

@@ -94,8 +94,8 @@ def test_vertical_slash_estimate_matches_the_papers_scores(spec, name, params):
             for r in range(tq - 16, tq):
                 for j in range(r + 1):
                     slash[r - j] += probabilities[b, h, r - (tq - 16), j]
-            vertical[:SINK_KEYS] = math.inf
-            slash[:LOCAL_OFFSETS] = math.inf
+            vertical[:SINK_KEYS] = 16 + torch.arange(SINK_KEYS, 0, -1)  # forced, first keys first
+            slash[:LOCAL_OFFSETS] = 16 + torch.arange(LOCAL_OFFSETS, 0, -1)  # forced, nearest first
             assert set(verticals[b, h].tolist()) == set(vertical.topk(SINK_KEYS + 12).indices.tolist())
             assert set(slashes[b, h].tolist()) == set(slash.topk(LOCAL_OFFSETS + 15).indices.tolist())
 

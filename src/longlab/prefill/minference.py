@@ -23,9 +23,10 @@ class MInference(PrefillMethod):
     pattern): per head, the last ``last_q`` queries' attention to all keys (under the active position
     method's segments) is summed per key (vertical score) and per diagonal offset i - j (slash score);
     the top ``vertical`` keys and top ``slash`` offsets are kept, the first 30 keys and the 100 nearest
-    offsets always (within those budgets), as in the authors' code. Like the paper's kernel, slash
-    lines are computed at block granularity: query block b (``block`` queries) reads every key tile
-    of ``block`` keys that a kept slash line crosses in its rows, plus the kept vertical keys, causally.
+    offsets always (within those budgets, nearest first: the diagonal is always kept), as in the
+    authors' code. Like the paper's kernel, slash lines are computed at block granularity: query block
+    b (``block`` queries) reads every key tile of ``block`` keys that a kept slash line crosses in its
+    rows, plus the kept vertical keys, causally.
 
     The paper searches offline, per head, among three pattern types (A-shape, vertical-slash,
     block-sparse); longlab uses vertical-slash for every head (the pattern most heads of the paper's
@@ -76,8 +77,10 @@ class MInference(PrefillMethod):
             offsets.clamp(min=0).reshape(1, 1, -1).expand(b, hq, -1),
             probabilities.masked_fill(future, 0.0).reshape(b, hq, -1),
         )
-        vertical[..., :SINK_KEYS] = torch.inf
-        slash[..., :LOCAL_OFFSETS] = torch.inf
+        # forced lines rank above any score (a sum over `last` rows is at most `last`), the first keys
+        # and the nearest offsets first: offset 0, the block's own diagonal, is always kept
+        vertical[..., :SINK_KEYS] = last + torch.arange(min(SINK_KEYS, tk), 0, -1, device=k.device)
+        slash[..., :LOCAL_OFFSETS] = last + torch.arange(min(LOCAL_OFFSETS, tk), 0, -1, device=k.device)
         return vertical.topk(min(self.vertical, tk), dim=-1).indices, slash.topk(min(self.slash, tk), dim=-1).indices
 
     def select(self, q, k, q_pos, k_pos, key_valid, segments, table, scale) -> Selection:

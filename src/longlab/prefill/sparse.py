@@ -82,23 +82,56 @@ def check_no_grad(name: str, *tensors: torch.Tensor) -> None:
         )
 
 
-def gather_keys(allowed: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor):
-    """Compact the keys a block reads: allowed (B, Hq, N) bool over keys [0, N) ->
-    (keys (B, Hq, n, d), values, positions (B, Hq, n), real (B, Hq, n) bool), n the largest count
-    over heads; slots past a head's own count are padding (``real`` False)."""
+def gather_keys(allowed: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor):
+    """Compact the keys a block reads: allowed (B, Hq, N) bool over keys [0, N) of the contiguous
+    k_rot, v (B, Hk, T, d), T >= N
+    -> (keys, values (B * Hq, 1, n, d), positions (B, Hq, n), real (B, Hq, n) bool), n the largest count
+    over heads; slots past a head's own count are padding (``real`` False). Rows are copied with one
+    ``index_select`` each (far cheaper than advanced indexing with three index tensors)."""
     b, hq, n_keys = allowed.shape
-    hk = k.shape[1]
+    hk, length, dim = k_rot.shape[1:]
     counts = allowed.sum(dim=-1)
     n = int(counts.max())
     slot = allowed.long().cumsum(dim=-1) - 1
     slot = torch.where(allowed, slot, n)  # unselected keys all land in one spare column, dropped below
-    index = torch.zeros(b, hq, n + 1, dtype=torch.long, device=k.device)
-    index.scatter_(2, slot, torch.arange(n_keys, device=k.device).expand(b, hq, n_keys))
+    index = torch.zeros(b, hq, n + 1, dtype=torch.long, device=k_rot.device)
+    index.scatter_(2, slot, torch.arange(n_keys, device=k_rot.device).expand(b, hq, n_keys))
     index = index[..., :n]
-    real = torch.arange(n, device=k.device) < counts[..., None]
-    rows = torch.arange(b, device=k.device)[:, None, None]
-    kv_heads = (torch.arange(hq, device=k.device) // (hq // hk))[None, :, None]
-    return k[rows, kv_heads, index], v[rows, kv_heads, index], k_pos[rows, index], real
+    real = torch.arange(n, device=k_rot.device) < counts[..., None]
+    # row of key j of query head h in the flattened (B * Hk * N, d) keys: ((b * Hk) + h // G) * N + j
+    rows = torch.arange(b, device=k_rot.device)[:, None] * hk + torch.arange(hq, device=k_rot.device) // (hq // hk)
+    flat = (rows[..., None] * length + index).reshape(-1)
+    keys = k_rot.reshape(-1, dim).index_select(0, flat).view(b * hq, 1, n, dim)
+    values = v.reshape(-1, dim).index_select(0, flat).view(b * hq, 1, n, dim)
+    return keys, values, k_pos.gather(1, index.reshape(b, -1)).view(b, hq, n), real
+
+
+def _mode(segment: Segment, q_pos: torch.Tensor, k_pos: torch.Tensor) -> str:
+    """ "skip", "full" or "mask" for a segment over these queries and keys, from their extreme positions
+    (like the kernel's plan): a full piece needs no mask beyond padding slots."""
+    if k_pos.numel() == 0:
+        return "skip"
+    bounds = torch.stack((q_pos.min() - k_pos.max(), q_pos.max() - k_pos.min())).tolist()  # one host copy
+    lo, hi = max(segment.min_distance, 0), segment.max_distance
+    if bounds[1] < lo or bounds[0] >= hi:
+        return "skip"
+    return "full" if segment.by_distance and bounds[0] >= lo and bounds[1] < hi else "mask"
+
+
+def _piece(backend, q_rot, keys, values, scale, admitted, real):
+    """(out, lse) of one piece with rows that see no key set to (0, -inf). ``admitted`` (B', 1|H, M, n)
+    bool or None (every pair); ``real`` (B', 1, 1, n) bool, False for padding slots, or None."""
+    b, _, m, _ = q_rot.shape
+    n = keys.shape[2]
+    seen = admitted if real is None else (real if admitted is None else admitted & real)
+    if seen is None:
+        return backend.forward(q_rot, keys, values, scale, False, None)
+    mask = torch.zeros(seen.shape, dtype=q_rot.dtype, device=q_rot.device).masked_fill_(~seen, -math.inf)
+    out, lse = backend.forward(q_rot, keys, values, scale, False, mask.expand(b, 1, m, n))
+    seen = seen.any(dim=-1)  # fully masked rows: each op returns its own value (0, NaN, ...)
+    lse = lse.masked_fill(~seen, -math.inf)
+    out = out.masked_fill(~seen[..., None], 0.0)
+    return out, lse
 
 
 def sparse_attention(
@@ -117,7 +150,11 @@ def sparse_attention(
     """Attention of q (B, Hq, Tq, d) over the selected keys of k, v (B, Hk, Tk, d): query i of block
     b sees key j when ``selection.keys(b, ...)[j]``, the key is valid, and a segment admits the pair
     (causal by position). Same arguments as :func:`longlab.attention.kernel.segmented_attention`;
-    the queries are the last Tq keys. Rows that see no key return zeros. Forward only."""
+    the queries are the last Tq keys. Rows that see no key return zeros. Forward only.
+
+    Each block's keys come in two parts: the earlier keys it selected, gathered per query head, and
+    its own diagonal square, read whole (every method keeps it: local attention), GQA-native. Keys are
+    rotated once per segment; each piece is one backend call, merged by log-sum-exp."""
     check_same_device(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid)
     check_no_grad(name, q, k, v)
     b, hq, tq, dim = q.shape
@@ -126,34 +163,40 @@ def sparse_attention(
     backend = backend_for(q.device, q.dtype, dim)
     acc_dtype = accumulator_dtype(q.dtype)
     grid, offset = selection.grid, tk - tq
+    k_rots = [rotate(k, segment.key_map(k_pos), table) for segment in segments]  # O(L d) each, once
+    v = v.contiguous()
     out = torch.empty_like(q)
     for i in range(grid.n_blocks):
         a, z = grid.block(i)
-        stop = offset + z  # keys after the block's last query are never visible
-        allowed = selection.keys(i, stop)
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, :stop]
-        keys, values, positions, real = gather_keys(allowed, k[:, :, :stop], v[:, :, :stop], k_pos[:, :stop])
-        m, n = z - a, keys.shape[2]
-        flat = (b * hq, 1)
-        values = values.reshape(*flat, n, dim)
+        m, first = z - a, offset + a  # keys [first, offset + z) are the block's diagonal square
         acc = torch.zeros(b, hq, m, dim, dtype=acc_dtype, device=q.device)
         lse = torch.full((b, hq, m), -math.inf, dtype=acc_dtype, device=q.device)
-        for segment in segments:
-            admitted = segment.admits(q_pos[:, None, a:z], positions) & real[:, :, None, :]  # (B, Hq, m, n)
-            if n == 0 or not bool(admitted.any()):
-                continue
-            q_rot = rotate(q[:, :, a:z], segment.query_map(q_pos[:, a:z]), table)
-            k_rot = rotate(keys.reshape(*flat, n, dim), segment.key_map(positions).reshape(b * hq, n), table)
-            mask = None
-            if not bool(admitted.all()):
-                mask = torch.zeros(admitted.shape, dtype=q.dtype, device=q.device).masked_fill_(~admitted, -math.inf)
-                mask = mask.view(b * hq, 1, m, n)
-            piece, piece_lse = backend.forward(q_rot.reshape(*flat, m, dim), k_rot, values, scale, False, mask)
-            piece, piece_lse = piece.view(b, hq, m, dim), piece_lse.view(b, hq, m)
-            seen = admitted.any(dim=-1)  # fully masked rows: each op returns its own value (0, NaN, ...)
-            piece_lse = piece_lse.masked_fill(~seen, -math.inf)
-            piece = piece.masked_fill(~seen[..., None], 0.0)
-            merge_into(acc, lse, piece.to(acc_dtype), piece_lse.to(acc_dtype))
+        block_pos = q_pos[:, a:z]
+        past = selection.keys(i, first)
+        if key_valid is not None:
+            past = past & key_valid[:, None, :first]
+        square_valid = None if key_valid is None else key_valid[:, None, None, first : offset + z]
+        for segment, k_rot in zip(segments, k_rots, strict=True):
+            q_rot = rotate(q[:, :, a:z], segment.query_map(block_pos), table)
+            pieces = []
+            if first > 0 and bool(past.any()):
+                keys, values, positions, real = gather_keys(past, k_rot, v, k_pos)
+                mode = _mode(segment, block_pos, positions[real])
+                if mode != "skip":
+                    padding = None if bool(real.all()) else real.view(b * hq, 1, 1, -1)
+                    admitted = None
+                    if mode == "mask":
+                        admitted = segment.admits(block_pos[:, None], positions).view(b * hq, 1, m, -1)
+                    flat_q = q_rot.reshape(b * hq, 1, m, dim)
+                    pieces.append(_piece(backend, flat_q, keys, values, scale, admitted, padding))
+            square_pos = k_pos[:, first : offset + z]
+            admitted = segment.admits(block_pos, square_pos)[:, None]  # (B, 1, m, m): causality and the segment
+            if square_valid is not None:
+                admitted = admitted & square_valid
+            if bool(admitted.any()):
+                keys, values = k_rot[:, :, first : offset + z], v[:, :, first : offset + z]
+                pieces.append(_piece(backend, q_rot, keys, values, scale, admitted, None))
+            for piece, piece_lse in pieces:
+                merge_into(acc, lse, piece.view(b, hq, m, dim).to(acc_dtype), piece_lse.view(b, hq, m).to(acc_dtype))
         out[:, :, a:z] = acc
     return out
