@@ -136,28 +136,21 @@ def test_xattention_block_scores_and_selection_match_antidiagonal_sums(threshold
 
 
 def _vertical_slash_mask(verticals, slashes, size, tq, tk):
-    """The minference pattern from its definition: query i of block [a, z) reads every key tile that
-    a kept slash line o crosses in the block's rows (key r - o), plus the kept vertical keys."""
+    """The minference pattern from its definition: query i of block [a, z) reads every key that a
+    kept slash line o crosses in the block's rows (key r - o for some row r of the block), plus the
+    kept vertical keys; causally."""
     b, h = verticals.shape[:2]
     offset = tk - tq
     allowed = torch.zeros(b, h, tq, tk, dtype=torch.bool)
     for bi in range(b):
         for hi in range(h):
-            tiles_of_block: dict[int, set[int]] = {}
             for i in range(tq):
-                block = _block_of(i, size, tq)
-                if block not in tiles_of_block:
-                    rows = [r for r in range(tq) if _block_of(r, size, tq) == block]
-                    tiles_of_block[block] = {
-                        _tile(offset + r - o, size, tk)
-                        for r in rows
-                        for o in slashes[bi, hi].tolist()
-                        if offset + r >= o
-                    }
+                rows = [r for r in range(tq) if _block_of(r, size, tq) == _block_of(i, size, tq)]
+                crossed = {offset + r - o for r in rows for o in slashes[bi, hi].tolist()}
                 for j in range(offset + i + 1):
-                    allowed[bi, hi, i, j] = _tile(j, size, tk) in tiles_of_block[block]
+                    allowed[bi, hi, i, j] = j in crossed
             allowed[bi, hi, :, verticals[bi, hi]] = True
-    return allowed
+    return allowed.tril(offset)
 
 
 def _tiles_mask(tiles, size, tq, tk):

@@ -25,8 +25,8 @@ class MInference(PrefillMethod):
     the top ``vertical`` keys and top ``slash`` offsets are kept, the first 30 keys and the 100 nearest
     offsets always (within those budgets, nearest first: the diagonal is always kept), as in the
     authors' code. Like the paper's kernel, slash lines are computed at block granularity: query block
-    b (``block`` queries) reads every key tile of ``block`` keys that a kept slash line crosses in its
-    rows, plus the kept vertical keys, causally.
+    [a, z) (``block`` queries) reads, for each kept slash o, the whole key range [a - o, z - o) the line
+    crosses in its rows, plus the kept vertical keys, causally.
 
     The paper searches offline, per head, among three pattern types (A-shape, vertical-slash,
     block-sparse); longlab uses vertical-slash for every head (the pattern most heads of the paper's
@@ -100,16 +100,12 @@ class VerticalSlash(Selection):
         offset = grid.k_len - grid.q_len
         b, hq, _ = self.verticals.shape
         device = self.verticals.device
-        # Slash o crosses keys [offset + a - o, offset + z - 1 - o] in this block's rows: at most two tiles.
-        first = (offset + a - self.slashes).clamp(min=0)
-        last = offset + z - 1 - self.slashes
-        crosses = last >= 0
-        tiles = torch.zeros(b, hq, grid.n_tiles + 1, dtype=torch.bool, device=device)
-        spare = grid.n_tiles  # lines that cross nothing land here and are dropped
-        tiles.scatter_(2, torch.where(crosses, grid.tile_of(first), spare), True)
-        tiles.scatter_(2, torch.where(crosses, grid.tile_of(last.clamp(min=0)), spare), True)
-        allowed = grid.tile_keys(tiles[..., :spare], stop).clone()
-        columns = torch.where(self.verticals < stop, self.verticals, stop)
-        spill = torch.zeros(b, hq, 1, dtype=torch.bool, device=device)
-        allowed = torch.cat((allowed, spill), dim=-1).scatter_(2, columns, True)
-        return allowed[..., :stop]
+        # Slash o crosses keys [offset + a - o, offset + z - o) in this block's rows: mark each range's
+        # start with +1 and its end with -1; a key is read where the running sum is positive.
+        starts = (offset + a - self.slashes).clamp(min=0, max=stop)
+        ends = (offset + z - self.slashes).clamp(min=0, max=stop)
+        edges = torch.zeros(b, hq, stop + 1, dtype=torch.int32, device=device)
+        ones = torch.ones(starts.shape, dtype=torch.int32, device=device)
+        edges.scatter_add_(2, starts, ones).scatter_add_(2, ends, -ones)
+        allowed = edges.cumsum(dim=-1) > 0
+        return allowed.scatter_(2, torch.where(self.verticals < stop, self.verticals, stop), True)[..., :stop]
