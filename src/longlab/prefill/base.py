@@ -63,4 +63,4 @@ class PrefillMethod(Method):
             return segmented_attention(q, k, v, q_pos, k_pos, segments, table, scale, key_valid)
         with torch.no_grad():  # the pattern is a decision, not a function to differentiate
             selection = self.select(q, k, q_pos, k_pos, key_valid, segments, table, scale)
-        return sparse_attention(q, k, v, q_pos, k_pos, segments, table, scale, selection, key_valid)
+        return sparse_attention(q, k, v, q_pos, k_pos, segments, table, scale, selection, key_valid, self.name)

@@ -53,9 +53,6 @@ class Grid:
         stop = self.q_len - (self.n_blocks - 1 - i) * self.size
         return max(0, stop - self.size), stop
 
-    def tile_of(self, key_index: torch.Tensor) -> torch.Tensor:
-        return torch.div(key_index + self.key_pad, self.size, rounding_mode="floor")
-
     def tile_keys(self, tiles: torch.Tensor, stop: int) -> torch.Tensor:
         """(..., n_tiles) bool over tiles -> (..., stop) bool over the keys [0, stop)."""
         keys = tiles.repeat_interleave(self.size, dim=-1)
