@@ -131,7 +131,7 @@ def passkey_part(args) -> None:
         cells = []
         for length in args.lengths:
             mine = [r for r in results if r.get("length") == length]
-            accuracy = 100 * sum(r["score"] for r in mine) / max(len(mine), 1)
+            accuracy = sum(r["score"] for r in mine) / max(len(mine), 1)  # scores are 0 or 100
             latency = sum(r["latency_s"] for r in mine) / max(len(mine), 1)
             base.setdefault(length, latency)
             cells.append(f"{accuracy:5.1f} {latency:5.1f}s {base[length] / latency:4.2f}x")
