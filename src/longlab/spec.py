@@ -16,7 +16,8 @@ from typing import Any
 
 import longlab.cache.policies
 import longlab.context
-import longlab.positions  # noqa: F401  (registers the methods)
+import longlab.positions
+import longlab.prefill  # noqa: F401  (registers the methods)
 from longlab.errors import SpecError
 from longlab.method import KINDS, REGISTRY, Method, check_finite, field_types
 

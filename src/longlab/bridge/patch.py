@@ -33,6 +33,7 @@ from longlab.errors import LonglabError, UnsupportedModelError
 from longlab.method import Method
 from longlab.positions import FrequencyTable, PositionMethod, RopeConfig, ScalingMethod
 from longlab.positions.segments import Segment
+from longlab.prefill import PrefillMethod
 from longlab.spec import Composition, compose, format_spec
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -49,6 +50,7 @@ class Patch:
     cache: CachePolicy | None
     rope: RopeConfig
     previous_implementation: str
+    prefill: PrefillMethod | None = None  # sparse attention for calls of at least its min_length queries
     device_check: Any = None  # the forward pre-hook that checks input devices (removed by reset)
     modules: list[torch.nn.Module] = field(default_factory=list)
     # How an attention module turns (q, k, v, positions) into its output; sequence parallelism swaps it.
@@ -58,7 +60,7 @@ class Patch:
 
     @property
     def methods(self) -> list[Method]:
-        return [m for m in (self.position, self.scaling, self.cache) if m is not None]
+        return [m for m in (self.position, self.scaling, self.cache, self.prefill) if m is not None]
 
     def table(self, seq_len: int, device: torch.device | str = "cpu") -> FrequencyTable:
         """The position method's table at ``seq_len``, its frequencies on ``device`` (built once on
@@ -181,7 +183,7 @@ def apply(model: torch.nn.Module, spec: str | Method | Composition = "none", **p
         reset(model)
     for step in PREPARE:
         cache = step(model, cache)
-    patch = Patch(position, scaling, cache, rope, model.config._attn_implementation)
+    patch = Patch(position, scaling, cache, rope, model.config._attn_implementation, prefill=methods.prefill)
     patch.device_check = model.register_forward_pre_hook(_check_input_devices, with_kwargs=True)
     model.set_attn_implementation(IMPLEMENTATION)
     for module in _attention_modules(model):
@@ -269,10 +271,14 @@ def segments_for(patch: Patch, module: torch.nn.Module) -> tuple[Segment, ...]:
 
 
 def local_attention(module: torch.nn.Module, q, k, v, q_pos, k_pos, key_valid) -> torch.Tensor:
-    """Single-process attention of a patched module (the default ``Patch.attend``)."""
+    """Single-process attention of a patched module (the default ``Patch.attend``): the prefill
+    method's sparse attention for calls of at least its ``min_length`` queries, exact otherwise."""
     patch: Patch = module._longlab_patch
     table = patch.table(int(q_pos.max()) + 1, q.device)
-    return segmented_attention(q, k, v, q_pos, k_pos, segments_for(patch, module), table, module.scaling, key_valid)
+    segments = segments_for(patch, module)
+    if patch.prefill is not None and q.shape[2] > 1 and patch.prefill.applies(q.shape[2]):
+        return patch.prefill.attend(q, k, v, q_pos, k_pos, segments, table, module.scaling, key_valid)
+    return segmented_attention(q, k, v, q_pos, k_pos, segments, table, module.scaling, key_valid)
 
 
 def attention_weights(module: torch.nn.Module, q, k, q_pos, k_pos, key_valid) -> torch.Tensor:
