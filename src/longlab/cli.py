@@ -72,10 +72,12 @@ def _finetune(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from longlab.eval.runner import DEFAULT_METHODS, DEFAULT_TASKS, EvalConfig, parse_lengths, run
+    from longlab.loading import carried_method, checkpoint
 
+    carried = carried_method(checkpoint(args.model))  # a fine-tuned checkpoint's own method is the default
     config = EvalConfig(
         model=args.model,
-        methods=args.method or list(DEFAULT_METHODS),
+        methods=args.method or ([carried] if carried else list(DEFAULT_METHODS)),
         tasks=args.task or list(DEFAULT_TASKS),
         lengths=parse_lengths(args.lengths) if args.lengths is not None else None,
         samples=args.samples,

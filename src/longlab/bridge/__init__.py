@@ -1,6 +1,7 @@
 """The bridge to transformers: ``apply`` / ``reset`` / ``describe`` patch a loaded model so that
 longlab computes its attention, and chunked prefill feeds long prompts to its cache."""
 
+from longlab.bridge.load import load
 from longlab.bridge.patch import (
     SUPPORTED_FAMILIES,
     active_methods,
@@ -19,6 +20,7 @@ __all__ = [
     "cache_stats",
     "describe",
     "is_applied",
+    "load",
     "patch_of",
     "reset",
 ]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from longlab.loading import CARRIED_METHOD_KEY
 from longlab.positions.abf import ABF
 from longlab.positions.base import PositionMethod
 from longlab.positions.interpolation import Linear
 from longlab.positions.rope import RopeConfig
 from longlab.positions.yarn import YaRN
-
-CONFIG_KEY = "longlab_method"  # config.json key holding the resolved spec string
 
 
 def native_rope_parameters(method: PositionMethod, rope: RopeConfig) -> dict | None:
@@ -35,7 +34,7 @@ def write_method(folder: Path, method: PositionMethod, rope: RopeConfig) -> None
     ``rope_parameters``."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    config[CONFIG_KEY] = str(method)
+    config[CARRIED_METHOD_KEY] = str(method)
     native = native_rope_parameters(method, rope)
     if native is not None:
         config["rope_parameters"] = native
