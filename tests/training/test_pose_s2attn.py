@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 
 import pytest
 import torch
+from tests.support import reference
 
 from longlab.attention.kernel import segmented_attention
 from longlab.errors import LonglabError
@@ -14,7 +16,6 @@ from longlab.positions.rope import FrequencyTable
 from longlab.positions.segments import Segment
 from longlab.training.pose import pose_positions
 from longlab.training.s2attn import shifted_order, shifted_sparse_attention
-from tests.support import reference
 
 
 def _skips(positions: list[int]) -> list[int]:
@@ -33,7 +34,7 @@ def test_pose_positions_are_chunks_with_nondecreasing_skips(chunks):
         skips = _skips(positions)
         assert len(positions) == train
         assert skips[0] == 0
-        assert all(a <= b for a, b in zip(skips, skips[1:], strict=False))
+        assert all(a <= b for a, b in itertools.pairwise(skips))
         assert len(set(skips)) <= chunks
         assert skips[-1] <= target - train and positions[-1] < target
 
@@ -127,10 +128,11 @@ def test_s2attn_equals_naive_masked_attention_forward_and_backward(length, group
     out = shifted_sparse_attention(_kernel(table), group, None, q, k, v, pos, pos, None)
 
     rel = (pos[0][:, None] - pos[0][None, :]).double()
+    heads = ((slice(0, hq // 2), slice(0, hk // 2)), (slice(hq // 2, hq), slice(hk // 2, hk)))  # GQA pairs kept
     halves = [
         reference.attention(q[:, h], k[:, g], v[:, g], _s2_visible(length, group, shifted), rel, freqs, 0.25)
-        for shifted, (h, g) in enumerate(((slice(0, hq // 2), slice(0, hk // 2)), (slice(hq // 2, hq), slice(hk // 2, hk))))
-    ]  # fmt: skip
+        for shifted, (h, g) in enumerate(heads)
+    ]
     expected = torch.cat(halves, dim=1)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 

@@ -100,12 +100,13 @@ def prepare_model(model: torch.nn.Module, method: PositionMethod, recipe: Finetu
 
 def finetune(
     out: Path,
-    recipe: FinetuneRecipe = FinetuneRecipe(),
+    recipe: FinetuneRecipe | None = None,
     model: str | Path = "tiny",
     threads: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Path:
     """Fine-tune (or resume) into ``out``; returns the folder of the final checkpoint (``out``/final)."""
+    recipe = recipe or FinetuneRecipe()
     device = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -148,7 +149,12 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             speed = ids.numel() / (time.perf_counter() - began)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{speed:.0f}")
-            entry = {"step": step + 1, "loss": loss.item(), "lr": base.learning_rate(recipe, step), "tokens_per_s": speed}
+            entry = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "lr": base.learning_rate(recipe, step),
+                "tokens_per_s": speed,
+            }
             log.write(json.dumps(entry) + "\n")
             log.flush()
             if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps:
