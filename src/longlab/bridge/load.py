@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from longlab import loading
 from longlab.bridge.patch import apply
+from longlab.loading import carried_method, checkpoint
+from longlab.loading import load as load_checkpoint
 
 
 def load(
@@ -16,8 +17,8 @@ def load(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """:func:`longlab.loading.load`, then ``longlab.apply`` of the method the checkpoint's config
     carries (``longlab_method``, written by ``longlab finetune``): the model reads as it was trained."""
-    model, tokenizer = loading.load(name_or_path, dtype=dtype, device=device)
-    spec = loading.carried_method(loading.checkpoint(name_or_path))
+    model, tokenizer = load_checkpoint(name_or_path, dtype=dtype, device=device)
+    spec = carried_method(checkpoint(name_or_path))
     if spec:
         apply(model, spec)
     return model, tokenizer
