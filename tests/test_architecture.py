@@ -27,6 +27,7 @@ LAYERS = [
     ["parallel"],  # sequence parallelism over a patched model
     ["eval"],  # tasks, metrics, runner, reports
     ["bundled"],  # the bundled model's pipeline (trains and evaluates it)
+    ["training"],  # long-context fine-tuning (reuses the bundled pipeline's loop pieces)
     ["cli"],  # the command line
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -31,7 +31,7 @@ _EXPORTS = {
     "LonglabError": "longlab.errors",
     "SpecError": "longlab.errors",
     "UnsupportedModelError": "longlab.errors",
-    "load": "longlab.loading",
+    "load": "longlab.bridge",  # loading.load + the method a fine-tuned checkpoint carries
     "model_path": "longlab.loading",
     "Composition": "longlab.spec",
     "compose": "longlab.spec",

@@ -58,12 +58,26 @@ def _train(args: argparse.Namespace) -> None:
     print(f"checkpoint and model card: {final}")
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from longlab.training.finetune import finetune
+    from longlab.training.recipe import FinetuneRecipe
+
+    options = {"batch_size": args.batch_size, "learning_rate": args.lr, "train_length": args.train_length,
+               "seed": args.seed, "warmup_steps": args.warmup_steps}  # fmt: skip
+    recipe = FinetuneRecipe(method=args.method, length=args.length, recipe=args.recipe, steps=args.steps,
+                            **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+    final = finetune(Path(args.out), recipe, model=args.model, threads=args.threads, device=args.device)
+    print(f"checkpoint: {final} (evaluate: longlab eval --model {final})")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from longlab.eval.runner import DEFAULT_METHODS, DEFAULT_TASKS, EvalConfig, parse_lengths, run
+    from longlab.loading import carried_method, checkpoint
 
+    carried = carried_method(checkpoint(args.model))  # a fine-tuned checkpoint's own method is the default
     config = EvalConfig(
         model=args.model,
-        methods=args.method or list(DEFAULT_METHODS),
+        methods=args.method or ([carried] if carried else list(DEFAULT_METHODS)),
         tasks=args.task or list(DEFAULT_TASKS),
         lengths=parse_lengths(args.lengths) if args.lengths is not None else None,
         samples=args.samples,
@@ -121,6 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--device", default="auto", help="auto (cuda when a GPU is there), cpu, cuda or cuda:N")
     trainer.set_defaults(run=_train)
 
+    tuner = commands.add_parser(
+        "finetune", help="fine-tune a checkpoint at a longer length under a position method (resumes in --out)"
+    )
+    tuner.add_argument("--method", required=True, help="the position method, e.g. linear:factor=4, yarn:factor=4")
+    tuner.add_argument("--length", type=int, required=True, help="the target context in tokens")
+    tuner.add_argument("--recipe", default="full", help="full (train at --length), pose or longlora (default: full)")
+    tuner.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    tuner.add_argument("--out", required=True, help="run folder; the checkpoint goes to OUT/final")
+    tuner.add_argument("--model", default="tiny", help="a bundled model name or a local checkpoint folder")
+    tuner.add_argument("--batch-size", type=int, help="rows per step (default: 2)")
+    tuner.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4)")
+    tuner.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 20)")
+    tuner.add_argument("--train-length", type=int, help="pose: the short training window (default: the model's)")
+    tuner.add_argument("--seed", type=int, help="data and initialisation seed (default: 1234)")
+    tuner.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    tuner.add_argument("--device", default="auto", help="auto (cuda when a GPU is there), cpu, cuda or cuda:N")
+    tuner.set_defaults(run=_finetune)
+
     evaluate = commands.add_parser(
         "eval", help="run methods x tasks x lengths on a model and write a report (default: the bundled model)"
     )
@@ -157,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"longlab: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = " rerun the same command to resume" if args.command in ("eval", "train") else ""
+        resume = " rerun the same command to resume" if args.command in ("eval", "train", "finetune") else ""
         print(f"\nlonglab: interrupted;{resume}" if resume else "\nlonglab: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -6,6 +6,7 @@ The files are a plain Hugging Face checkpoint (config.json, model.safetensors, t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -68,6 +69,14 @@ def checkpoint(name_or_path: str | Path) -> Path:
             f"model folder {str(name_or_path)!r} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)"
         )
     return path
+
+
+CARRIED_METHOD_KEY = "longlab_method"  # config.json key: the position method a checkpoint was fine-tuned with
+
+
+def carried_method(path: Path) -> str | None:
+    """The spec string a fine-tuned checkpoint's config.json carries (``longlab finetune``), or None."""
+    return json.loads((path / "config.json").read_text()).get(CARRIED_METHOD_KEY)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

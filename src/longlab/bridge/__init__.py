@@ -2,6 +2,7 @@
 longlab computes its attention, and chunked prefill feeds long prompts to its cache."""
 
 from longlab.bridge import heads  # noqa: F401  (registers apply's preparation of head-aware policies)
+from longlab.bridge.load import load
 from longlab.bridge.patch import (
     SUPPORTED_FAMILIES,
     active_methods,
@@ -20,6 +21,7 @@ __all__ = [
     "cache_stats",
     "describe",
     "is_applied",
+    "load",
     "patch_of",
     "reset",
 ]

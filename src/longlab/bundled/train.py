@@ -163,9 +163,11 @@ def learning_rate(recipe: Recipe, step: int) -> float:
     return recipe.learning_rate * (recipe.final_lr_fraction + (1 - recipe.final_lr_fraction) * cosine)
 
 
-def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def make_optimizer(params, recipe) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only (``recipe``: learning_rate, weight_decay; longlab finetune too)."""
+    params = list(params)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=(0.9, 0.95))
 
@@ -207,7 +209,7 @@ def train(out: Path, recipe: Recipe = Recipe(), threads: int | None = None, devi
     with torch.device("cpu"):  # the same initial weights on every device
         model = LlamaForCausalLM(model_config(recipe, tokenizer))
     model.to(device)
-    optimizer = _optimizer(model, recipe)
+    optimizer = make_optimizer(model.parameters(), recipe)
     checkpoint, start = out / "checkpoint", 0
     if (checkpoint / "state.pt").exists():
         state = torch.load(checkpoint / "state.pt", weights_only=False, map_location=device)
@@ -239,7 +241,7 @@ def train(out: Path, recipe: Recipe = Recipe(), threads: int | None = None, devi
         log.write(json.dumps(entry) + "\n")
         log.flush()
         if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps:
-            _save_state(checkpoint, model, optimizer, step + 1, recipe)
+            save_state(checkpoint, model, optimizer, step + 1, recipe)
     log.close()
     final = out / "final"
     model.eval()
@@ -247,7 +249,7 @@ def train(out: Path, recipe: Recipe = Recipe(), threads: int | None = None, devi
     return final
 
 
-def _save_state(folder: Path, model, optimizer, step: int, recipe: Recipe) -> None:
+def save_state(folder: Path, model, optimizer, step: int, recipe) -> None:
     """Write the resumable state atomically: a crash mid-write leaves the previous checkpoint intact."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,

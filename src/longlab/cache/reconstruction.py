@@ -65,6 +65,12 @@ class _Scorer:
     def attention_positions(self, q_pos, k_pos, key_valid):
         return self.policy.attention_positions(q_pos, k_pos, key_valid)
 
+    def reads(self, ctx: ScoreContext, keys, values, k_pos, key_valid):
+        return self.policy.reads(ctx, keys, values, k_pos, key_valid)
+
+    def reweight(self, ctx: ScoreContext, out, q_pos, k_pos, key_valid):
+        return self.policy.reweight(ctx, out, q_pos, k_pos, key_valid)
+
     def compress(self, ctx: ScoreContext) -> None:
         b, hq, t, d = ctx.q.shape
         hk = ctx.layer.entries.heads

@@ -4,6 +4,7 @@ Importing this package registers every method under its spec name.
 """
 
 from longlab.positions import (  # noqa: F401  (imported to register the methods)
+    abf,
     dca,
     giraffe,
     interpolation,
