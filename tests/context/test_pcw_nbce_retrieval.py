@@ -14,7 +14,7 @@ from longlab.attention.kernel import segmented_attention
 from longlab.cache import far as far_module
 from longlab.cache.layer import LonglabLayer
 from longlab.cache.policies.retrieval import RetrievalAttention
-from longlab.cache.policy import Scoring
+from longlab.cache.policy import ScoreContext, Scoring
 from longlab.context import rows as chunks
 from longlab.context.base import ContextQuery
 from longlab.context.nbce import NBCE, combine
@@ -291,7 +291,9 @@ def test_retrieved_keys_are_the_exact_top_k_of_a_naive_reference(
         layer.attend(q[:, :, :n], k[:, :, :n], v[:, :, :n], pos[:, :n], ones, attend, scoring)
         assert layer.entries.longest == 2 + window and layer.entries.far.length == n - 2 - window
         layer.append(k[:, :, n:], v[:, :, n:], pos[:, n:], ones[:, :1])
-        _, _, read_pos, _ = policy.read(layer, q[:, :, n:], pos[:, n:], scoring)
+        ctx = ScoreContext(layer, q[:, :, n:], pos[:, n:], ones[:, :1], segments, scoring.table(n + 1),
+                           scoring.scale, 0, 1)  # fmt: skip
+        read_pos = policy.reads(ctx, *layer.view()).positions
     far_pos = list(range(2, n - window))
     _, rel = reference.distances(method, torch.tensor([n]), torch.tensor(far_pos), **params)
     group = HQ // HK
