@@ -27,6 +27,7 @@ LAYERS = [
     ["parallel"],  # sequence parallelism over a patched model
     ["eval"],  # tasks, metrics, runner, reports
     ["bundled"],  # the bundled model's pipeline (trains and evaluates it)
+    ["lab"],  # models trained from scratch that differ in one component (reuses bundled's recipe)
     ["cli"],  # the command line
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
