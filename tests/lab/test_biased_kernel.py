@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from longlab.attention.biased import biased_attention
+from longlab.lab.components import component
 from longlab.lab.positions.base import ModelShape
-from longlab.lab.registry import component
 
 SHAPE = ModelShape(d_model=16, heads=2, head_dim=4, train_length=8)
 BIASED = ["alibi", "t5:buckets=8,max_distance=8", "kerple_log", "kerple_power", "sandwich", "fire"]

@@ -10,10 +10,11 @@ import torch
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from longlab.errors import SpecError
+from longlab.lab.components import component
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.positions.alibi import alibi_slopes
 from longlab.lab.positions.base import ModelShape
-from longlab.lab.registry import COMPONENTS, component
+from longlab.lab.registry import COMPONENTS
 
 SHAPE = ModelShape(d_model=16, heads=4, head_dim=4, train_length=8)
 T = 9
@@ -50,7 +51,9 @@ def test_t5_buckets_equal_transformers():
     from longlab.lab.positions.t5 import causal_bucket
 
     for buckets, max_distance in ((32, 128), (8, 20), (16, 64)):
-        expected = T5Attention._relative_position_bucket(-dist, bidirectional=False, num_buckets=buckets, max_distance=max_distance)
+        expected = T5Attention._relative_position_bucket(
+            -dist, bidirectional=False, num_buckets=buckets, max_distance=max_distance
+        )
         assert torch.equal(causal_bucket(dist, buckets, max_distance), expected)
 
 
@@ -151,7 +154,7 @@ def test_randomized_positions_are_sorted_distinct_and_seeded():
     draw = module.positions(16, torch.device("cpu"), torch.Generator().manual_seed(3))
     again = module.positions(16, torch.device("cpu"), torch.Generator().manual_seed(3))
     assert torch.equal(draw, again) and len(set(draw.tolist())) == 16
-    assert bool((draw[1:] > draw[:-1]).all()) and 0 <= int(draw.min()) and int(draw.max()) < 64
+    assert bool((draw[1:] > draw[:-1]).all()) and int(draw.min()) >= 0 and int(draw.max()) < 64
     assert torch.equal(module.positions(16, torch.device("cpu")), torch.arange(16))  # evaluation
 
 

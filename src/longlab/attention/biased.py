@@ -72,7 +72,7 @@ class _BiasedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, positions, bias_fn, scale, block, *params):
         acc_dtype = accumulator_dtype(q.dtype)
-        b, h, t, d = q.shape
+        b, h, t, _ = q.shape
         out = torch.zeros(b, h, t, v.shape[-1], dtype=acc_dtype, device=q.device)
         lse = torch.full((b, h, t), -math.inf, dtype=acc_dtype, device=q.device)
         qa, ka, va = q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "positions": (
-        "nope", "sinusoidal", "learned", "rope", "randomized", "xpos",
-        "alibi", "t5", "kerple_log", "kerple_power", "sandwich", "fire",
-    ),  # fmt: skip
+        "nope",
+        "sinusoidal",
+        "learned",
+        "rope",
+        "randomized",
+        "xpos",
+        "alibi",
+        "t5",
+        "kerple_log",
+        "kerple_power",
+        "sandwich",
+        "fire",
+    ),
 }

@@ -26,9 +26,9 @@ from longlab.errors import LonglabError
 from longlab.eval import memory
 from longlab.eval.plots import slug
 from longlab.lab import evaluate
+from longlab.lab.components import component
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.presets import PRESETS
-from longlab.lab.registry import component
 from longlab.loading import model_path
 
 MULTIPLES = (1, 2, 4, 8, 16)  # evaluation lengths, in training lengths
@@ -57,7 +57,11 @@ class LabConfig:
             raise LonglabError(f"unknown lab preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if self.size not in SIZES:
             raise LonglabError(f"unknown lab size {self.size!r}; known: {', '.join(SIZES)}")
-        for name, value, low in (("length", self.length, 8), ("steps", self.steps, 1), ("batch_size", self.batch_size, 1)):
+        for name, value, low in (
+            ("length", self.length, 8),
+            ("steps", self.steps, 1),
+            ("batch_size", self.batch_size, 1),
+        ):
             if value < low:
                 raise LonglabError(f"lab: {name} must be >= {low}, got {value}")
 
@@ -106,7 +110,9 @@ class Results:
 
     def __init__(self, path: Path):
         self.path = path
-        self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        self.rows = (
+            [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        )
 
     def done(self, name: str, kind: str, length: int | None = None) -> bool:
         return any(r["component"] == name and r["kind"] == kind and r.get("length") == length for r in self.rows)
@@ -210,7 +216,9 @@ def train(folder: Path, spec, config: LabConfig, tok, text: np.ndarray, device: 
             log.write(json.dumps(entry) + "\n")
             log.flush()
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, state_path)
+                torch.save(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, state_path
+                )
     torch.save(model.state_dict(), folder / "model.pt")
     steps = [json.loads(line) for line in log_path.read_text().splitlines()]
     steps = {s["step"]: s for s in steps}  # a resumed run may have logged a step twice: keep the last

@@ -17,9 +17,10 @@ def causal_bucket(dist: torch.Tensor, buckets: int, max_distance: int) -> torch.
     """T5's unidirectional bucket of a distance i - j >= 0: exact below buckets/2, then logarithmic
     up to max_distance, and the last bucket beyond."""
     exact = buckets // 2
-    far = exact + (
-        torch.log(dist.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (buckets - exact)
-    ).long()
+    far = (
+        exact
+        + (torch.log(dist.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (buckets - exact)).long()
+    )
     return torch.where(dist < exact, dist, far.clamp(max=buckets - 1))
 
 
