@@ -15,7 +15,7 @@ from longlab.lab import run as lab_run
 from longlab.lab.run import LabConfig
 
 CONFIG = LabConfig(
-    components=("nope", "alibi"), size="tiny", length=16, steps=4, batch_size=2,
+    components=("nope", "alibi"), size="tiny", vocab_size=0, length=16, steps=4, batch_size=2,
     ppl_windows=1, passkey_samples=0, multiples=(1, 2), checkpoint_every=2,
 )  # fmt: skip
 
@@ -23,7 +23,7 @@ CONFIG = LabConfig(
 @pytest.fixture(autouse=True)
 def small_text(monkeypatch):
     """A few thousand real tokens instead of the whole corpus (building it takes minutes)."""
-    tok = lab_run.tokenizer()
+    tok = lab_run.tokenizer(None, CONFIG)
     text = " ".join(["The grass is green. The sky is blue.", "def add(a, b):\n    return a + b\n"] * 200)
     ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
     monkeypatch.setattr(lab_run, "_tokens", lambda out, tok, split: ids)

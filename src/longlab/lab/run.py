@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from longlab.bundled.train import Batches, Recipe, _optimizer, learning_rate, tokenize_split
-from longlab.data.corpus import build_corpus
+from longlab.bundled.tokenizer import train_tokenizer
+from longlab.bundled.train import Batches, Recipe, _optimizer, learning_rate
+from longlab.data.corpus import build_corpus, read_split, token_stream
 from longlab.errors import LonglabError
 from longlab.eval import memory
 from longlab.eval.plots import slug
@@ -41,11 +42,12 @@ class LabConfig:
     preset: str = "positions"
     components: tuple[str, ...] = ()  # empty: the preset's
     size: str = "tiny"
+    vocab_size: int = 1024  # a byte-level BPE trained on the corpus; 0: the bundled model's (8192)
     length: int = 128
-    steps: int = 100
+    steps: int = 200
     batch_size: int = 8
-    learning_rate: float = 3e-3
-    warmup_steps: int = 10
+    learning_rate: float = 5e-3
+    warmup_steps: int = 20
     seed: int = 1234
     ppl_windows: int = 2
     passkey_samples: int = 4
@@ -90,18 +92,42 @@ class LabConfig:
 SHORTEST_PASSKEY = 96  # tokens: the passkey template with a little filler (81 tokens bare)
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast.from_pretrained(model_path("tiny"))
+TRAIN_TOKENS = 1 << 20  # corpus tokens the lab trains from: several times what the default run reads
+
+
+def _corpus(out: Path) -> Path:
+    corpus = out / "data" / "corpus"
+    if not (corpus / "manifest.json").exists():
+        build_corpus(corpus)
+    return corpus
+
+
+def tokenizer(out: Path, config: LabConfig) -> PreTrainedTokenizerFast:
+    """The bundled model's tokenizer, or (``vocab_size`` > 0) a smaller byte-level BPE trained once on
+    the corpus's train split with the bundled recipe's trainer: a small vocabulary leaves a tiny model
+    most of its compute for attention instead of the output layer."""
+    if not config.vocab_size:
+        return PreTrainedTokenizerFast.from_pretrained(model_path("tiny"))
+    folder = out / "data" / f"tokenizer-{config.vocab_size}"
+    if not (folder / "tokenizer.json").exists():
+        train_tokenizer(read_split(_corpus(out), "train"), config.vocab_size).save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
 def _tokens(out: Path, tok: PreTrainedTokenizerFast, split: str) -> np.ndarray:
-    """The corpus split's tokens, cached in ``out/data`` (building the corpus once)."""
-    cached = out / "data" / f"{split}.npy"
+    """The corpus split's tokens (train: its first documents up to ``TRAIN_TOKENS``), cached in ``out/data``."""
+    cached = out / "data" / f"{split}-{len(tok)}.npy"
     if not cached.exists():
-        corpus = out / "data" / "corpus"
-        if not (corpus / "manifest.json").exists():
-            build_corpus(corpus)
-        np.save(cached, tokenize_split(tok, corpus, split))
+        texts = read_split(_corpus(out), split)
+        if split == "train":
+            chosen, count = [], 0
+            for text in texts:  # documents in the corpus's fixed order: the same tokens on every machine
+                chosen.append(text)
+                count += len(text) // 3  # about 3 characters a token: enough to stop near the budget
+                if count >= TRAIN_TOKENS:
+                    break
+            texts = chosen
+        np.save(cached, token_stream(tok, texts))
     return np.load(cached)
 
 
@@ -142,7 +168,7 @@ def run(out: Path, config: LabConfig = LabConfig(), device: str | torch.device =
     out.mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
     _check_config(out, config)
-    tok = tokenizer()
+    tok = tokenizer(out, config)
     results = Results(out / "results.jsonl")
     train_tokens, test_tokens = None, None
     for name in config.names:
