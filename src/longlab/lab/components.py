@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import longlab.lab.attention
 import longlab.lab.positions  # noqa: F401  (registers every position component)
 from longlab.errors import SpecError
+from longlab.lab.attention.base import LabAttention
+from longlab.lab.attention.full import Full
+from longlab.lab.positions.base import LabPosition
+from longlab.lab.positions.nope import NoPE
 from longlab.lab.registry import COMPONENTS
 from longlab.method import Method, check_finite, field_types
 from longlab.spec import closest, convert, split_part
@@ -28,3 +33,29 @@ def component(spec: str | Method) -> Method:
     made = cls(**values)
     check_finite(made)
     return made
+
+
+def model_spec(spec: str) -> tuple[LabPosition, LabAttention]:
+    """A model's components from ``position+attention`` (``"rope+sliding:window=32"``); either may be
+    left out (position ``nope``, attention ``full``), at most one of each kind."""
+    found: dict[str, Method] = {}
+    for part in spec.split("+"):
+        made = component(part)
+        if made.kind in found:
+            raise SpecError(f"{spec!r} names two {made.kind} components ({found[made.kind].name}, {made.name})")
+        found[made.kind] = made
+    position, attention = found.get("lab-position", NoPE()), found.get("lab-attention", Full())
+    if not attention.takes_bias and _biased(position):
+        raise SpecError(f"{attention.name} attention cannot add {position.name}'s position bias; use full attention")
+    return position, attention
+
+
+def spec_name(position: LabPosition, attention: LabAttention) -> str:
+    """The normalised name of a model: the position alone under full attention."""
+    return str(position) if isinstance(attention, Full) else f"{position}+{attention}"
+
+
+def _biased(position: LabPosition) -> bool:
+    from longlab.lab.positions.base import ModelShape
+
+    return position.build(ModelShape(d_model=8, heads=2, head_dim=4, train_length=8)).has_bias

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longlab.attention.biased import biased_attention
+from longlab.lab.attention.base import AttentionModule, LabAttention
+from longlab.lab.attention.full import Full
 from longlab.lab.positions.base import LabPosition, ModelShape, PositionModule
 
 
@@ -36,8 +38,9 @@ SIZES = {
 
 
 class Attention(nn.Module):
-    def __init__(self, size: Size, position: PositionModule):
+    def __init__(self, size: Size, position: PositionModule, attend: AttentionModule):
         super().__init__()
+        self.attend = attend
         self.heads, self.head_dim = size.heads, size.d_model // size.heads
         self.qkv = nn.Linear(size.d_model, 3 * size.d_model, bias=False)
         self.out = nn.Linear(size.d_model, size.d_model, bias=False)
@@ -51,15 +54,15 @@ class Attention(nn.Module):
         if position.has_bias:
             y = biased_attention(q, k, v, positions, position.bias, position.bias_params())
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = self.attend(q, k, v, positions)
         return self.out(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):
-    def __init__(self, size: Size, position: PositionModule):
+    def __init__(self, size: Size, position: PositionModule, attention: LabAttention):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(size.d_model), nn.RMSNorm(size.d_model)
-        self.attention = Attention(size, position)
+        self.attention = Attention(size, position, attention.build())
         self.up = nn.Linear(size.d_model, 2 * size.mlp, bias=False)
         self.down = nn.Linear(size.mlp, size.d_model, bias=False)
 
@@ -70,11 +73,11 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, vocab: int, size: Size, position: PositionModule):
+    def __init__(self, vocab: int, size: Size, position: PositionModule, attention: LabAttention):
         super().__init__()
         self.embed = nn.Embedding(vocab, size.d_model)
         self.position = position
-        self.blocks = nn.ModuleList(Block(size, position) for _ in range(size.layers))
+        self.blocks = nn.ModuleList(Block(size, position, attention) for _ in range(size.layers))
         self.norm = nn.RMSNorm(size.d_model)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> SimpleNamespace:
@@ -90,16 +93,19 @@ class Backbone(nn.Module):
 
 
 class LabModel(nn.Module):
-    """Decoder-only LM: token embedding (+ absolute positions), pre-norm attention/SwiGLU blocks, tied head."""
+    """Decoder-only LM: token embedding (+ absolute positions), pre-norm attention/SwiGLU blocks, tied
+    head. ``component`` places positions; ``attention`` computes attention (default: full softmax)."""
 
-    def __init__(self, vocab: int, size: Size, component: LabPosition, train_length: int):
+    def __init__(
+        self, vocab: int, size: Size, component: LabPosition, train_length: int, attention: LabAttention = Full()
+    ):
         super().__init__()
         shape = ModelShape(size.d_model, size.heads, size.d_model // size.heads, train_length)
         # the component's own random init draws from a forked stream, so every other weight is the
         # same for every component under one seed
         with torch.random.fork_rng(devices=[]):
             position = component.build(shape)
-        self.model = Backbone(vocab, size, position)
+        self.model = Backbone(vocab, size, position, attention)
         self.lm_head = nn.Linear(size.d_model, vocab, bias=False)
         self.lm_head.weight = self.model.embed.weight
         nn.init.normal_(self.model.embed.weight, std=0.02)

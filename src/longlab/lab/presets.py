@@ -1,4 +1,6 @@
-"""Which components a preset trains (docs/lab.md). One model per component; everything else equal."""
+"""Which models a preset trains (docs/lab.md): one per entry, ``position+attention`` specs, everything
+else equal. ``positions`` varies the position encoding under full attention; ``efficient`` varies the
+attention under RoPE."""
 
 from __future__ import annotations
 
@@ -17,4 +19,5 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "sandwich",
         "fire",
     ),
+    "efficient": ("rope", "rope+sliding", "rope+linear"),
 }

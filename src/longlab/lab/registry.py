@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from longlab.method import Method
 
-LAB_KINDS = ("lab-position",)
+LAB_KINDS = ("lab-position", "lab-attention")
 
 COMPONENTS: dict[str, type[Method]] = {}
 

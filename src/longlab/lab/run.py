@@ -27,7 +27,7 @@ from longlab.errors import LonglabError
 from longlab.eval import memory
 from longlab.eval.plots import slug
 from longlab.lab import evaluate
-from longlab.lab.components import component
+from longlab.lab.components import model_spec, spec_name
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.presets import PRESETS
 from longlab.loading import model_path
@@ -172,8 +172,8 @@ def run(out: Path, config: LabConfig = LabConfig(), device: str | torch.device =
     results = Results(out / "results.jsonl")
     train_tokens, test_tokens = None, None
     for name in config.names:
-        spec = component(name)
-        key = str(spec)
+        spec = model_spec(name)
+        key = spec_name(*spec)
         if not results.done(key, "train"):
             train_tokens = _tokens(out, tok, "train") if train_tokens is None else train_tokens
             row = train(out / "models" / slug(key), spec, config, tok, train_tokens, device)
@@ -194,7 +194,7 @@ def run(out: Path, config: LabConfig = LabConfig(), device: str | torch.device =
 def _build(spec, config: LabConfig, vocab: int) -> LabModel:
     torch.manual_seed(config.seed)  # the same initial weights for every component (where shapes agree)
     with torch.device("cpu"):  # and on every device
-        return LabModel(vocab, SIZES[config.size], spec, config.length)
+        return LabModel(vocab, SIZES[config.size], spec[0], config.length, attention=spec[1])
 
 
 def _load(folder: Path, spec, config: LabConfig, vocab: int, device: torch.device) -> LabModel:
@@ -204,7 +204,8 @@ def _load(folder: Path, spec, config: LabConfig, vocab: int, device: torch.devic
 
 
 def train(folder: Path, spec, config: LabConfig, tok, text: np.ndarray, device: torch.device) -> dict:
-    """Train one model (resuming its checkpoint); returns its training row (tokens/s, peak memory, loss)."""
+    """Train one model (``spec``: its position and attention components), resuming its checkpoint;
+    returns its training row (tokens/s, peak memory, loss)."""
     folder.mkdir(parents=True, exist_ok=True)
     recipe = config.recipe(len(tok))
     model = _build(spec, config, len(tok)).to(device)
@@ -219,7 +220,7 @@ def train(folder: Path, spec, config: LabConfig, tok, text: np.ndarray, device: 
     position = model.model.position
     memory.reset_peak(device)
     model.train()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=str(spec), unit="step")
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=spec_name(*spec), unit="step")
     with log_path.open("a") as log:
         for step in bar:
             began = time.perf_counter()
