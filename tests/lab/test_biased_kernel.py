@@ -14,7 +14,7 @@ from longlab.lab.components import component
 from longlab.lab.positions.base import ModelShape
 
 SHAPE = ModelShape(d_model=16, heads=2, head_dim=4, train_length=8)
-BIASED = ["alibi", "t5:buckets=8,max_distance=8", "kerple_log", "kerple_power", "sandwich", "fire"]
+BIASED = ["alibi", "t5:buckets=8,max_distance=8", "kerple_log", "kerple_power", "sandwich", "fire:hidden=4"]
 
 
 def naive(q, k, v, bias):
@@ -56,13 +56,14 @@ def test_blockwise_equals_the_full_bias(spec, block):
 @pytest.mark.parametrize("spec", BIASED)
 def test_gradcheck(spec):
     module = _module(spec)
-    positions = torch.arange(7) * 2
-    q, k, v = (torch.randn(1, 2, 7, 4, dtype=torch.double, requires_grad=True) for _ in range(3))
+    positions = torch.arange(5) * 2
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.double, requires_grad=True) for _ in range(3))
 
     def attend(q, k, v, *params):
-        return biased_attention(q, k, v, positions, module.bias, params, block=3)
+        return biased_attention(q, k, v, positions, module.bias, params, block=2)
 
-    assert torch.autograd.gradcheck(attend, (q, k, v, *module.bias_params()))
+    # fast mode: a random projection of the Jacobian, so many parameters cost two passes, not hundreds
+    assert torch.autograd.gradcheck(attend, (q, k, v, *module.bias_params()), fast_mode=True)
 
 
 def test_zero_bias_is_causal_attention():

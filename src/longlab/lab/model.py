@@ -97,7 +97,7 @@ class LabModel(nn.Module):
     head. ``component`` places positions; ``attention`` computes attention (default: full softmax)."""
 
     def __init__(
-        self, vocab: int, size: Size, component: LabPosition, train_length: int, attention: LabAttention = Full()
+        self, vocab: int, size: Size, component: LabPosition, train_length: int, attention: LabAttention | None = None
     ):
         super().__init__()
         shape = ModelShape(size.d_model, size.heads, size.d_model // size.heads, train_length)
@@ -105,7 +105,7 @@ class LabModel(nn.Module):
         # same for every component under one seed
         with torch.random.fork_rng(devices=[]):
             position = component.build(shape)
-        self.model = Backbone(vocab, size, position, attention)
+        self.model = Backbone(vocab, size, position, attention or Full())
         self.lm_head = nn.Linear(size.d_model, vocab, bias=False)
         self.lm_head.weight = self.model.embed.weight
         nn.init.normal_(self.model.embed.weight, std=0.02)
