@@ -59,7 +59,8 @@ def write_report(out: Path, config, rows: list[dict]) -> Path:
     lines = [
         f"# longlab lab: preset `{config.preset}`",
         "",
-        f"Size `{config.size}`, vocabulary {config.vocab_size or 8192} tokens, trained at L = {config.length} tokens for {config.steps} steps of "
+        f"Size `{config.size}`, vocabulary {config.vocab_size or 8192} tokens, trained at L = {config.length} "
+        f"tokens for {config.steps} steps of "
         f"{config.batch_size} rows ({config.steps * config.batch_size * config.length} tokens), seed "
         f"{config.seed}: the same data, tokens and initial weights for every component. Evaluation: "
         f"held-out perplexity over {config.ppl_windows} windows per length, passkey accuracy over "
