@@ -53,10 +53,10 @@ def main() -> None:
             positions = torch.arange(length)
             q, k, v = (torch.randn(1, args.heads, length, args.dim, requires_grad=True) for _ in range(3))
 
-            def ours(q=q, k=k, v=v, positions=positions):
+            def ours(q=q, k=k, v=v, positions=positions, module=module, params=params):
                 biased_attention(q, k, v, positions, module.bias, params).sum().backward()
 
-            def reference(q=q, k=k, v=v, positions=positions):
+            def reference(q=q, k=k, v=v, positions=positions, module=module, params=params):
                 naive(q, k, v, module.bias(params, positions, positions)).sum().backward()
 
             ours()  # warm-up
