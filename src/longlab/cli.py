@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--preset", default="positions", help="which components to compare (default: positions)")
     lab.add_argument("--component", action="append", help="a component spec instead of the preset's; repeat")
     lab.add_argument("--out", default="runs/lab", help="output folder; rerunning resumes (default: runs/lab)")
-    lab.add_argument("--steps", type=int, help="training steps per model (default: 100)")
+    lab.add_argument("--steps", type=int, help="training steps per model (default: 600)")
     lab.add_argument("--length", type=int, help="training length in tokens (default: 128)")
     lab.add_argument("--size", choices=("tiny", "small"), help="model size (default: tiny)")
     lab.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

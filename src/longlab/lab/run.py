@@ -44,7 +44,7 @@ class LabConfig:
     size: str = "tiny"
     vocab_size: int = 1024  # a byte-level BPE trained on the corpus; 0: the bundled model's (8192)
     length: int = 128
-    steps: int = 200
+    steps: int = 600
     batch_size: int = 8
     learning_rate: float = 5e-3
     warmup_steps: int = 20
