@@ -27,7 +27,7 @@ LAYERS = [
     ["parallel"],  # sequence parallelism over a patched model
     ["eval"],  # tasks, metrics, runner, reports
     ["bundled"],  # the bundled model's pipeline (trains and evaluates it)
-    ["training"],  # long-context fine-tuning (reuses the bundled pipeline's loop pieces)
+    ["training", "lab"],  # fine-tuning; models trained from scratch (both reuse the bundled pipeline's pieces)
     ["cli"],  # the command line
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -70,6 +70,20 @@ def _finetune(args: argparse.Namespace) -> None:
     print(f"checkpoint: {final} (evaluate: longlab eval --model {final})")
 
 
+def _lab(args: argparse.Namespace) -> None:
+    from longlab.lab.run import LabConfig, run
+    from longlab.loading import resolve_device
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    given = {k: v for k, v in (("steps", args.steps), ("length", args.length), ("size", args.size)) if v is not None}
+    components = tuple(args.component or ())
+    config = LabConfig(preset=args.preset, components=components, **given)
+    print(f"report: {run(Path(args.out), config, device=resolve_device(args.device))}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from longlab.eval.runner import DEFAULT_METHODS, DEFAULT_TASKS, EvalConfig, parse_lengths, run
     from longlab.loading import carried_method, checkpoint
@@ -173,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on cpu, bfloat16 on cuda"
     )
     evaluate.set_defaults(run=_eval)
+    lab = commands.add_parser(
+        "lab", help="train small models differing in one component and report them by length (resumable)"
+    )
+    lab.add_argument("--preset", default="positions", help="which components to compare (default: positions)")
+    lab.add_argument("--component", action="append", help="a component spec instead of the preset's; repeat")
+    lab.add_argument("--out", default="runs/lab", help="output folder; rerunning resumes (default: runs/lab)")
+    lab.add_argument("--steps", type=int, help="training steps per model (default: 600)")
+    lab.add_argument("--length", type=int, help="training length in tokens (default: 128)")
+    lab.add_argument("--size", choices=("tiny", "small"), help="model size (default: tiny)")
+    lab.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    lab.add_argument("--device", default="auto", help="auto (cuda when a GPU is there), cpu, cuda or cuda:N")
+    lab.set_defaults(run=_lab)
     report = commands.add_parser("report", help="rebuild a report from an eval folder's results.jsonl")
     report.add_argument("folder")
     report.set_defaults(run=_report)
@@ -189,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"longlab: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = " rerun the same command to resume" if args.command in ("eval", "train", "finetune") else ""
+        resume = " rerun the same command to resume" if args.command in ("eval", "train", "finetune", "lab") else ""
         print(f"\nlonglab: interrupted;{resume}" if resume else "\nlonglab: interrupted", file=sys.stderr)
         return 130
     return 0

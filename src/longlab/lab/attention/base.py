@@ -1,0 +1,28 @@
+"""What every lab attention component provides to the lab model: causal attention of q, k, v
+(B, H, T, d) that the position component has already rotated; positions (T,) for those that need
+them. Position biases need the full softmax (``full``): other attentions refuse a biased position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from longlab.method import Method
+
+
+@dataclass(frozen=True)
+class LabAttention(Method):
+    """Base of the lab's attention components (kind ``lab-attention``)."""
+
+    kind = "lab-attention"
+    takes_bias = False  # whether an additive position bias can be added to its scores
+
+    def build(self) -> AttentionModule:
+        raise NotImplementedError
+
+
+class AttentionModule(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

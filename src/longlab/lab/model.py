@@ -1,0 +1,121 @@
+"""The lab's model family: a small pre-norm decoder whose position encoding is a lab component.
+
+Shaped like a transformers causal LM (``.model(ids).last_hidden_state``, ``.lm_head``, ``.device``)
+so :func:`longlab.eval.generation.token_losses` scores it unchanged. A compact module of our own
+rather than ``LlamaForCausalLM``: the components need hooks Llama has no place for (absolute
+embeddings, an additive bias per attention block, xPos's scaled keys, random training positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longlab.attention.biased import biased_attention
+from longlab.lab.attention.base import AttentionModule, LabAttention
+from longlab.lab.attention.full import Full
+from longlab.lab.positions.base import LabPosition, ModelShape, PositionModule
+
+
+@dataclass(frozen=True)
+class Size:
+    """Model width and depth; ``SIZES`` names the presets (docs/lab.md gives their costs)."""
+
+    d_model: int
+    layers: int
+    heads: int
+    mlp: int
+
+
+SIZES = {
+    "tiny": Size(d_model=64, layers=2, heads=4, mlp=192),
+    "small": Size(d_model=256, layers=4, heads=8, mlp=768),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, size: Size, position: PositionModule, attend: AttentionModule):
+        super().__init__()
+        self.attend = attend
+        self.heads, self.head_dim = size.heads, size.d_model // size.heads
+        self.qkv = nn.Linear(size.d_model, 3 * size.d_model, bias=False)
+        self.out = nn.Linear(size.d_model, size.d_model, bias=False)
+        self.position = [position]  # shared by every layer; a list keeps it out of this layer's parameters
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        position = self.position[0]
+        q, k = position.rotate(q, positions, key=False), position.rotate(k, positions, key=True)
+        if position.has_bias:
+            y = biased_attention(q, k, v, positions, position.bias, position.bias_params())
+        else:
+            y = self.attend(q, k, v, positions)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, size: Size, position: PositionModule, attention: LabAttention):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(size.d_model), nn.RMSNorm(size.d_model)
+        self.attention = Attention(size, position, attention.build())
+        self.up = nn.Linear(size.d_model, 2 * size.mlp, bias=False)
+        self.down = nn.Linear(size.mlp, size.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x), positions)
+        gate, up = self.up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)  # SwiGLU, as Llama
+
+
+class Backbone(nn.Module):
+    def __init__(self, vocab: int, size: Size, position: PositionModule, attention: LabAttention):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, size.d_model)
+        self.position = position
+        self.blocks = nn.ModuleList(Block(size, position, attention) for _ in range(size.layers))
+        self.norm = nn.RMSNorm(size.d_model)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> SimpleNamespace:
+        if positions is None:
+            positions = self.position.positions(ids.shape[1], ids.device)
+        x = self.embed(ids)
+        absolute = self.position.absolute(positions)
+        if absolute is not None:
+            x = x + absolute.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, positions)
+        return SimpleNamespace(last_hidden_state=self.norm(x))
+
+
+class LabModel(nn.Module):
+    """Decoder-only LM: token embedding (+ absolute positions), pre-norm attention/SwiGLU blocks, tied
+    head. ``component`` places positions; ``attention`` computes attention (default: full softmax)."""
+
+    def __init__(
+        self, vocab: int, size: Size, component: LabPosition, train_length: int, attention: LabAttention | None = None
+    ):
+        super().__init__()
+        shape = ModelShape(size.d_model, size.heads, size.d_model // size.heads, train_length)
+        # the component's own random init draws from a forked stream, so every other weight is the
+        # same for every component under one seed
+        with torch.random.fork_rng(devices=[]):
+            position = component.build(shape)
+        self.model = Backbone(vocab, size, position, attention or Full())
+        self.lm_head = nn.Linear(size.d_model, vocab, bias=False)
+        self.lm_head.weight = self.model.embed.weight
+        nn.init.normal_(self.model.embed.weight, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def loss(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch (B, T)."""
+        hidden = self.model(ids, positions).last_hidden_state
+        logits = self.lm_head(hidden[:, :-1]).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))

@@ -1,0 +1,16 @@
+"""The lab's position components, one per module; importing this package registers them all."""
+
+from longlab.lab.positions import (  # noqa: F401
+    alibi,
+    fire,
+    kerple_log,
+    kerple_power,
+    learned,
+    nope,
+    randomized,
+    rope,
+    sandwich,
+    sinusoidal,
+    t5,
+    xpos,
+)

@@ -1,0 +1,23 @@
+"""Which models a preset trains (docs/lab.md): one per entry, ``position+attention`` specs, everything
+else equal. ``positions`` varies the position encoding under full attention; ``efficient`` varies the
+attention under RoPE."""
+
+from __future__ import annotations
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "positions": (
+        "nope",
+        "sinusoidal",
+        "learned",
+        "rope",
+        "randomized",
+        "xpos",
+        "alibi",
+        "t5",
+        "kerple_log",
+        "kerple_power",
+        "sandwich",
+        "fire",
+    ),
+    "efficient": ("rope", "rope+sliding", "rope+linear"),
+}
