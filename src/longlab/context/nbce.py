@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import DynamicCache, TopPLogitsWarper
 
 import longlab.context.rows as chunks
-from longlab.context.base import FRAME_TOKENS, ContextMethod, ContextQuery
-from longlab.errors import LonglabError
+from longlab.context.base import ContextQuery
 from longlab.method import check_range, register
 
 FLOOR = -100.0  # the reference code's clip: log-probabilities below it count as "truncated"
@@ -36,7 +34,7 @@ def combine(logits: torch.Tensor, beta: float, top_p: float) -> torch.Tensor:
 
 @register
 @dataclass(frozen=True)
-class NBCE(ContextMethod):
+class NBCE(chunks.RowReader):
     """Naive Bayes-based Context Extension (Su, 2023, "NBCE: 使用朴素贝叶斯扩展LLM的Context处理长度",
     kexue.fm/archives/9617; Su et al., NAACL 2024, arXiv 2403.17552, section 3): the context is cut
     into chunks S_1..S_n; each is read alone with the question, batched as rows (``instruction + S_k
@@ -58,26 +56,12 @@ class NBCE(ContextMethod):
         check_range(self.name, "top_p", self.top_p, low=0, high=1, low_open=True)
         check_range(self.name, "chunk", self.chunk, low=1, integer=True)
 
-    def answer(
-        self,
-        model: Any,
-        tokenizer: Any,
-        queries: list[ContextQuery],
-        new_tokens: int,
-        first_line: bool,
-        *,
-        chat: bool = False,
-    ) -> list[str]:
-        if chat:  # the chunks are placed between the parts' token ids; a template would have to wrap each row
-            raise LonglabError(f"{self.name} reads the prompt's parts as raw tokens and has no chat form; drop --chat")
-        return [self._answer(model, tokenizer, query, new_tokens, first_line) for query in queries]
-
-    def read_length(self, length: int) -> int:
-        # the default chunk fills what the training length leaves: within every position method's reach
-        return min(length, (self.chunk or 0) + FRAME_TOKENS)
+    @property
+    def chunk_tokens(self) -> int | None:
+        return self.chunk
 
     @torch.no_grad()
-    def _answer(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
+    def answer_one(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
         device = model.get_input_embeddings().weight.device
         instruction, context, question = chunks.encode_parts(tokenizer, query, device)
         overhead = instruction.numel() + question.numel() + new_tokens

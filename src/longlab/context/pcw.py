@@ -11,14 +11,14 @@ from transformers import DynamicCache
 import longlab.context.rows as chunks
 from longlab.cache.entries import Entries
 from longlab.cache.layer import LonglabLayer
-from longlab.context.base import FRAME_TOKENS, ContextMethod, ContextQuery
+from longlab.context.base import ContextQuery
 from longlab.errors import LonglabError
 from longlab.method import check_range, register
 
 
 @register
 @dataclass(frozen=True)
-class PCW(ContextMethod):
+class PCW(chunks.RowReader):
     """Parallel Context Windows (Ratner et al., 2023, "Parallel Context Windows for Large Language
     Models", section 2, eq. 1-2): the context is cut into windows; each window's tokens attend only
     within their window, at positions 0 .. N-1 reused by every window; the task tokens (here the
@@ -41,23 +41,9 @@ class PCW(ContextMethod):
     def __post_init__(self) -> None:
         check_range(self.name, "window", self.window, low=1, integer=True)
 
-    def answer(
-        self,
-        model: Any,
-        tokenizer: Any,
-        queries: list[ContextQuery],
-        new_tokens: int,
-        first_line: bool,
-        *,
-        chat: bool = False,
-    ) -> list[str]:
-        if chat:  # the chunks are placed between the parts' token ids; a template would have to wrap each row
-            raise LonglabError(f"{self.name} reads the prompt's parts as raw tokens and has no chat form; drop --chat")
-        return [self._answer(model, tokenizer, query, new_tokens, first_line) for query in queries]
-
-    def read_length(self, length: int) -> int:
-        # the default window fills what the training length leaves: within every position method's reach
-        return min(length, (self.window or 0) + FRAME_TOKENS)
+    @property
+    def chunk_tokens(self) -> int | None:
+        return self.window
 
     def windows(
         self, model: Any, tokenizer: Any, query: ContextQuery, new_tokens: int
@@ -70,7 +56,7 @@ class PCW(ContextMethod):
         return [torch.cat((instruction, part)) for part in parts], question
 
     @torch.no_grad()
-    def _answer(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
+    def answer_one(self, model, tokenizer, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
         windows, question = self.windows(model, tokenizer, query, new_tokens)
         cache = prefill_windows(model, windows, chunks.pad_id(tokenizer))
         start = max(w.numel() for w in windows)  # the task tokens follow the longest window

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import torch
 
-from longlab.context.base import ContextQuery
+from longlab.context.base import FRAME_TOKENS, ContextMethod, ContextQuery
 from longlab.errors import LonglabError
 
 
@@ -86,3 +87,34 @@ def forward(model, cache, **inputs: torch.Tensor):
     (``cache`` from 5.24, which deprecates ``past_key_values``; a wrapped forward keeps the old name)."""
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return model(**inputs, **{name: cache}, use_cache=True)
+
+
+class RowReader(ContextMethod):
+    """A context method that answers one query at a time from its parts' raw token ids, one chunk of
+    ``chunk_tokens`` context tokens per row (pcw, nbce)."""
+
+    @property
+    def chunk_tokens(self) -> int | None:
+        """Context tokens per chunk; None: what the training length leaves after the other parts."""
+        raise NotImplementedError
+
+    def answer(
+        self,
+        model: Any,
+        tokenizer: Any,
+        queries: list[ContextQuery],
+        new_tokens: int,
+        first_line: bool,
+        *,
+        chat: bool = False,
+    ) -> list[str]:
+        if chat:  # the chunks are placed between the parts' token ids; a template would have to wrap each row
+            raise LonglabError(f"{self.name} reads the prompt's parts as raw tokens and has no chat form; drop --chat")
+        return [self.answer_one(model, tokenizer, query, new_tokens, first_line) for query in queries]
+
+    def answer_one(self, model: Any, tokenizer: Any, query: ContextQuery, new_tokens: int, first_line: bool) -> str:
+        raise NotImplementedError
+
+    def read_length(self, length: int) -> int:
+        # the default chunk fills what the training length leaves: within every position method's reach
+        return min(length, (self.chunk_tokens or 0) + FRAME_TOKENS)
