@@ -261,7 +261,9 @@ def test_a_budget_above_the_length_is_the_plain_model():
     model, cache, _ = _kvzip("kvzip:budget=1000", model)
     with torch.no_grad():  # the reconstruction pass left the cache exactly as the context made it
         kvzip = model(ids[:, -9:], past_key_values=cache, use_cache=True).logits
-    assert torch.equal(plain, ea) and torch.equal(plain, kvzip)
+    # a prefill then a 9-token call sums in another order than one call over all (thread count too): close, not equal
+    torch.testing.assert_close(ea, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kvzip, ea, rtol=0, atol=0)  # the same calls over the same cache: bit-equal
 
 
 # -- composition, errors, devices ---------------------------------------------------------------------
