@@ -5,6 +5,7 @@ chunk out (numpy, on the CPU: retrieval reads strings, not the model's tensors).
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from importlib import resources
 
@@ -18,8 +19,16 @@ WORDLLAMA_CONFIG = "l2_supercat"  # the configuration whose weights and tokenize
 WORDLLAMA_DIM = 256
 
 
+def _optional(module: str):
+    """An optional dependency of the retrievers (the ``context`` extra), or a clear error naming it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LonglabError(f"rag's retrievers need {module.split('.')[0]}: pip install 'longlab[context]'") from None
+
+
 def _tokenize(texts: list[str]) -> list[list[str]]:
-    import bm25s
+    bm25s = _optional("bm25s")
 
     return bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False, return_ids=False)
 
@@ -28,7 +37,7 @@ def bm25_scores(question: str, chunks: list[str], k1: float = 1.5, b: float = 0.
     """Okapi BM25 (Robertson & Zaragoza, 2009, "The Probabilistic Relevance Framework: BM25 and
     Beyond", eq. 3.15) of each chunk for the question's words, stopwords dropped, in bm25s's default
     Lucene variant: idf ln(1 + (N - df + 0.5) / (df + 0.5)) and no (k1 + 1) factor (a constant scale)."""
-    import bm25s
+    bm25s = _optional("bm25s")
 
     corpus = bm25s.tokenize(chunks, stopwords=STOPWORDS, show_progress=False)
     index = bm25s.BM25(k1=k1, b=b)
@@ -48,8 +57,9 @@ def wordllama():
     handlers, level = list(root_logger.handlers), root_logger.level
     try:
         from safetensors import safe_open
-        from wordllama import WordLlama
-        from wordllama.inference import WordLlamaInference
+
+        WordLlama = _optional("wordllama").WordLlama
+        WordLlamaInference = _optional("wordllama.inference").WordLlamaInference
     except ImportError:
         raise LonglabError("the dense retriever needs wordllama: pip install 'longlab[context]'") from None
     finally:  # wordllama calls logging.basicConfig on import; the host's logging is not its to set

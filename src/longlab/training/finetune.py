@@ -78,7 +78,12 @@ def _text_tokens(out: Path, tokenizer) -> np.ndarray:
 
 def _lora(model: torch.nn.Module, recipe: FinetuneRecipe) -> torch.nn.Module:
     """LoRA on q/k/v/o through peft, with embeddings and norms trainable (LongLoRA section 3.3)."""
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise LonglabError(
+            "--recipe longlora trains LoRA adapters through peft: pip install 'longlab[train]'"
+        ) from None
 
     config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, bias="none",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
