@@ -209,7 +209,7 @@ def train(folder: Path, spec, config: LabConfig, tok, text: np.ndarray, device: 
     folder.mkdir(parents=True, exist_ok=True)
     recipe = config.recipe(len(tok))
     model = _build(spec, config, len(tok)).to(device)
-    optimizer = make_optimizer(model, recipe)  # the bundled recipe's AdamW groups (decay on matrices only), reused
+    optimizer = make_optimizer(model.parameters(), recipe)  # the bundled recipe's AdamW groups, reused
     start, state_path, log_path = 0, folder / "state.pt", folder / "log.jsonl"
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
