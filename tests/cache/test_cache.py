@@ -475,3 +475,31 @@ def test_random_draws_one_stream_on_every_device(device):
     seed = 3 * 1_000_003 + 1 * 65_537 + N  # (seed, layer, tokens seen)
     want = torch.rand((B, HK, N), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     assert scores.device == q.device and torch.equal(scores.cpu(), want)
+
+
+def test_a_read_that_moves_the_calls_own_tokens_is_refused():
+    """The kernel takes a call's queries to be the last keys: a policy whose reads() put other entries
+    after them (a trailing padding slot, here) gets a clear error instead of a silently wrong output."""
+    from dataclasses import dataclass
+
+    from longlab.cache.policy import CachePolicy, Reads, Scoring
+    from longlab.errors import LonglabError
+    from longlab.positions.segments import Segment
+
+    @dataclass(frozen=True)
+    class TrailingPadding(CachePolicy):
+        name = "trailing_padding"
+
+        def reads(self, ctx, keys, values, k_pos, key_valid):
+            pad = lambda x, fill: torch.cat((x, x[:, :, :1].clone().fill_(fill)), dim=2)  # noqa: E731
+            return Reads(pad(keys, 0), pad(values, 0), pad(k_pos, -1), pad(key_valid, False), 0)
+
+    table = FrequencyTable(inv_freq(8))
+    scoring = Scoring((Segment(),), lambda length: table, 8**-0.5, 0, 1)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    pos, valid = torch.arange(4)[None], torch.ones(1, 4, dtype=torch.bool)
+    never = lambda *args: pytest.fail("attention ran over a read that moved the queries")  # noqa: E731
+    with pytest.raises(LonglabError, match="last keys"):
+        LonglabLayer(TrailingPadding()).attend(q, k, v, pos, valid, never, scoring)
+    out = LonglabLayer(CachePolicy()).attend(q, k, v, pos, valid, lambda q, *rest: torch.zeros_like(q), scoring)
+    assert out.shape == q.shape  # the default read passes the check

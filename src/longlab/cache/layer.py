@@ -132,6 +132,13 @@ class LonglabLayer(CacheLayerMixin):
             reads = self.policy.reads(ctx, keys, values, k_pos, key_valid)
             keys, values, k_pos, key_valid = reads.keys, reads.values, reads.positions, reads.valid
             self.last_read = reads.nbytes
+            # the kernel takes the call's queries to be the last keys (their validity is read there): a read
+            # that moved them would be attended silently wrong
+            if not bool((key_valid[..., -q.shape[2] :] == q_valid[:, None, :]).all()):
+                raise LonglabError(
+                    f"{self.policy.name}: reads() must return the call's own {q.shape[2]} tokens as the last "
+                    "keys of every head (the attention kernel reads the queries' validity there)"
+                )
         else:
             self.last_read = self.nbytes
         # a policy may place the queries per KV head (B, Hk, Tq): DuoAttention's streaming heads at cache slots
