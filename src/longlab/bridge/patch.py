@@ -276,7 +276,7 @@ def local_attention(module: torch.nn.Module, q, k, v, q_pos, k_pos, key_valid) -
     patch: Patch = module._longlab_patch
     table = patch.table(int(q_pos.max()) + 1, q.device)
     segments = segments_for(patch, module)
-    if patch.prefill is not None and q.shape[2] > 1 and patch.prefill.applies(q.shape[2]):
+    if patch.prefill is not None and patch.prefill.applies(q.shape[2]):  # min_length >= 2: never decoding
         return patch.prefill.attend(q, k, v, q_pos, k_pos, segments, table, module.scaling, key_valid)
     return segmented_attention(q, k, v, q_pos, k_pos, segments, table, module.scaling, key_valid)
 
