@@ -13,6 +13,9 @@ from longlab.errors import SpecError
 from longlab.lab.attention.linear import LinearState
 from longlab.lab.components import component, model_spec, spec_name
 from longlab.lab.model import SIZES, LabModel
+from longlab.lab.positions.base import ModelShape
+
+SHAPE = ModelShape(d_model=16, heads=4, head_dim=4, train_length=8, layers=2)
 
 
 def _inputs(t=23, d=8, dtype=torch.float64):
@@ -46,20 +49,20 @@ def _check(ours, reference, inputs):
 @pytest.mark.parametrize("window", [1, 5, 64])
 def test_sliding_equals_the_masked_softmax(window):
     q, k, v = _inputs()
-    module = component(f"sliding:window={window}").build()
+    module = component(f"sliding:window={window}").build(SHAPE, 0)
     _check(module(q, k, v, torch.arange(23)), naive_sliding(q, k, v, window), (q, k, v))
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 64])
 def test_linear_equals_its_equation(chunk):
     q, k, v = _inputs()
-    module = component(f"linear:chunk={chunk}").build()
+    module = component(f"linear:chunk={chunk}").build(SHAPE, 0)
     _check(module(q, k, v, torch.arange(23)), naive_linear(q, k, v, 1e-6), (q, k, v))
 
 
 def test_linear_recurrent_decoding_equals_the_parallel_form():
     q, k, v = (x.detach() for x in _inputs())
-    parallel = component("linear:chunk=5").build()(q, k, v, torch.arange(23))
+    parallel = component("linear:chunk=5").build(SHAPE, 0)(q, k, v, torch.arange(23))
     state = LinearState()
     steps = torch.stack([state.step(q[:, :, i], k[:, :, i], v[:, :, i]) for i in range(23)], dim=2)
     torch.testing.assert_close(steps, parallel)
@@ -68,7 +71,7 @@ def test_linear_recurrent_decoding_equals_the_parallel_form():
 
 def test_a_window_covering_the_sequence_is_full_attention():
     q, k, v = _inputs(dtype=torch.float32)
-    ours = component("sliding:window=23").build()(q, k, v, torch.arange(23))
+    ours = component("sliding:window=23").build(SHAPE, 0)(q, k, v, torch.arange(23))
     torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
 
 

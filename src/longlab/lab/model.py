@@ -59,10 +59,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, size: Size, position: PositionModule, attention: LabAttention):
+    def __init__(self, size: Size, shape: ModelShape, position: PositionModule, attention: LabAttention, layer: int):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(size.d_model), nn.RMSNorm(size.d_model)
-        self.attention = Attention(size, position, attention.build())
+        self.attention = Attention(size, position, attention.build(shape, layer))
         self.up = nn.Linear(size.d_model, 2 * size.mlp, bias=False)
         self.down = nn.Linear(size.mlp, size.d_model, bias=False)
 
@@ -73,11 +73,11 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, vocab: int, size: Size, position: PositionModule, attention: LabAttention):
+    def __init__(self, vocab: int, size: Size, shape: ModelShape, position: PositionModule, attention: LabAttention):
         super().__init__()
         self.embed = nn.Embedding(vocab, size.d_model)
         self.position = position
-        self.blocks = nn.ModuleList(Block(size, position, attention) for _ in range(size.layers))
+        self.blocks = nn.ModuleList(Block(size, shape, position, attention, layer) for layer in range(size.layers))
         self.norm = nn.RMSNorm(size.d_model)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> SimpleNamespace:
@@ -100,12 +100,12 @@ class LabModel(nn.Module):
         self, vocab: int, size: Size, component: LabPosition, train_length: int, attention: LabAttention | None = None
     ):
         super().__init__()
-        shape = ModelShape(size.d_model, size.heads, size.d_model // size.heads, train_length)
+        shape = ModelShape(size.d_model, size.heads, size.d_model // size.heads, train_length, size.layers)
         # the component's own random init draws from a forked stream, so every other weight is the
         # same for every component under one seed
         with torch.random.fork_rng(devices=[]):
             position = component.build(shape)
-        self.model = Backbone(vocab, size, position, attention or Full())
+        self.model = Backbone(vocab, size, shape, position, attention or Full())
         self.lm_head = nn.Linear(size.d_model, vocab, bias=False)
         self.lm_head.weight = self.model.embed.weight
         nn.init.normal_(self.model.embed.weight, std=0.02)

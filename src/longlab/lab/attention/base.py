@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from longlab.lab.positions.base import ModelShape
 from longlab.method import Method
 
 
@@ -19,7 +20,8 @@ class LabAttention(Method):
     kind = "lab-attention"
     takes_bias = False  # whether an additive position bias can be added to its scores
 
-    def build(self) -> AttentionModule:
+    def build(self, shape: ModelShape, layer: int) -> AttentionModule:
+        """The module of layer ``layer`` (0-based, of ``shape.layers``) of a model of ``shape``."""
         raise NotImplementedError
 
 

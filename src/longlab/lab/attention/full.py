@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from longlab.lab.attention.base import AttentionModule, LabAttention
+from longlab.lab.positions.base import ModelShape
 from longlab.lab.registry import register
 
 
@@ -19,7 +20,7 @@ class Full(LabAttention):
     name = "full"
     takes_bias = True
 
-    def build(self) -> AttentionModule:
+    def build(self, shape: ModelShape, layer: int) -> AttentionModule:
         return FullAttention()
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from longlab.lab.attention.base import AttentionModule, LabAttention
+from longlab.lab.positions.base import ModelShape
 from longlab.lab.registry import register
 from longlab.method import check_range
 
@@ -36,7 +37,7 @@ class Linear(LabAttention):
         check_range(self.name, "chunk", self.chunk, low=1, integer=True)
         check_range(self.name, "eps", self.eps, low=0.0, low_open=True, high=1.0)
 
-    def build(self) -> AttentionModule:
+    def build(self, shape: ModelShape, layer: int) -> AttentionModule:
         return LinearAttention(self.chunk, self.eps)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from longlab.attention.kernel import segmented_attention
 from longlab.lab.attention.base import AttentionModule, LabAttention
+from longlab.lab.positions.base import ModelShape
 from longlab.lab.registry import register
 from longlab.method import check_range
 from longlab.positions.rope import FrequencyTable
@@ -30,7 +31,7 @@ class Sliding(LabAttention):
     def __post_init__(self) -> None:
         check_range(self.name, "window", self.window, low=1, integer=True)
 
-    def build(self) -> AttentionModule:
+    def build(self, shape: ModelShape, layer: int) -> AttentionModule:
         return SlidingAttention(self.window)
 
 

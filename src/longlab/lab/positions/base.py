@@ -31,6 +31,7 @@ class ModelShape:
     heads: int
     head_dim: int
     train_length: int
+    layers: int = 1
 
 
 @dataclass(frozen=True)
