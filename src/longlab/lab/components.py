@@ -7,7 +7,7 @@ import longlab.lab.positions  # noqa: F401  (registers every position component)
 from longlab.errors import SpecError
 from longlab.lab.attention.base import LabAttention
 from longlab.lab.attention.full import Full
-from longlab.lab.positions.base import LabPosition
+from longlab.lab.positions.base import LabPosition, ModelShape, PositionModule
 from longlab.lab.positions.nope import NoPE
 from longlab.lab.registry import COMPONENTS
 from longlab.method import Method, check_finite, field_types
@@ -45,8 +45,13 @@ def model_spec(spec: str) -> tuple[LabPosition, LabAttention]:
             raise SpecError(f"{spec!r} names two {made.kind} components ({found[made.kind].name}, {made.name})")
         found[made.kind] = made
     position, attention = found.get("lab-position", NoPE()), found.get("lab-attention", Full())
-    if not attention.takes_bias and _biased(position):
+    probe = _probe(position)
+    if not attention.takes_bias and probe.has_bias:
         raise SpecError(f"{attention.name} attention cannot add {position.name}'s position bias; use full attention")
+    if not isinstance(attention, Full) and probe.has_attention:
+        raise SpecError(
+            f"{position.name} computes its own attention (full softmax); it cannot run under {attention.name}"
+        )
     return position, attention
 
 
@@ -55,7 +60,6 @@ def spec_name(position: LabPosition, attention: LabAttention) -> str:
     return str(position) if isinstance(attention, Full) else f"{position}+{attention}"
 
 
-def _biased(position: LabPosition) -> bool:
-    from longlab.lab.positions.base import ModelShape
-
-    return position.build(ModelShape(d_model=8, heads=2, head_dim=4, train_length=8)).has_bias
+def _probe(position: LabPosition) -> PositionModule:
+    """A tiny module of ``position``, to read which hooks it uses."""
+    return position.build(ModelShape(d_model=8, heads=2, head_dim=4, train_length=8))

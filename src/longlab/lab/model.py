@@ -38,9 +38,9 @@ SIZES = {
 
 
 class Attention(nn.Module):
-    def __init__(self, size: Size, position: PositionModule, attend: AttentionModule):
+    def __init__(self, size: Size, position: PositionModule, attend: AttentionModule, layer: int = 0):
         super().__init__()
-        self.attend = attend
+        self.attend, self.layer = attend, layer
         self.heads, self.head_dim = size.heads, size.d_model // size.heads
         self.qkv = nn.Linear(size.d_model, 3 * size.d_model, bias=False)
         self.out = nn.Linear(size.d_model, size.d_model, bias=False)
@@ -51,7 +51,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         position = self.position[0]
         q, k = position.rotate(q, positions, key=False), position.rotate(k, positions, key=True)
-        if position.has_bias:
+        if position.has_attention:  # CoPE: its positions depend on q and k
+            y = position.attend(q, k, v, positions, self.layer)
+        elif position.has_bias:
             y = biased_attention(q, k, v, positions, position.bias, position.bias_params())
         else:
             y = self.attend(q, k, v, positions)
@@ -62,7 +64,7 @@ class Block(nn.Module):
     def __init__(self, size: Size, shape: ModelShape, position: PositionModule, attention: LabAttention, layer: int):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(size.d_model), nn.RMSNorm(size.d_model)
-        self.attention = Attention(size, position, attention.build(shape, layer))
+        self.attention = Attention(size, position, attention.build(shape, layer), layer)
         self.up = nn.Linear(size.d_model, 2 * size.mlp, bias=False)
         self.down = nn.Linear(size.mlp, size.d_model, bias=False)
 

@@ -18,6 +18,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "kerple_power",
         "sandwich",
         "fire",
+        "cope",
     ),
     "efficient": ("rope", "rope+sliding", "rope+linear"),
 }

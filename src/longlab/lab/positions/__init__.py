@@ -2,6 +2,7 @@
 
 from longlab.lab.positions import (  # noqa: F401
     alibi,
+    cope,
     fire,
     kerple_log,
     kerple_power,

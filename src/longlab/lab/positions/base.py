@@ -8,7 +8,9 @@ and does nothing at the others:
 - ``absolute``: an embedding (T, d_model) added to the token embeddings (sinusoidal, learned);
 - ``rotate``: a map of q or k (B, H, T, d) by position (RoPE, xPos);
 - ``bias``: an additive attention bias for one (query block, key block), (H or 1, bq, bk), computed
-  from ``bias_params()`` inside :func:`longlab.attention.biased.biased_attention` (never L x L).
+  from ``bias_params()`` inside :func:`longlab.attention.biased.biased_attention` (never L x L);
+- ``attend``: the whole causal attention of a layer, for positions that depend on q and k (CoPE);
+  only under full attention (:func:`longlab.lab.components.model_spec` refuses the others).
 
 One module is shared by every layer (as T5 shares its bucket table); docs/lab.md says so.
 """
@@ -48,6 +50,7 @@ class PositionModule(nn.Module):
     """No position information at all (NoPE) unless a subclass overrides a hook."""
 
     has_bias = False
+    has_attention = False  # whether ``attend`` replaces the model's attention
 
     def positions(self, length: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         """Positions of a sequence of ``length`` tokens; ``generator`` is given only in training."""
@@ -63,6 +66,12 @@ class PositionModule(nn.Module):
         return ()
 
     def bias(self, params: tuple[torch.Tensor, ...], q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        """Causal attention (B, H, T, d) of layer ``layer``'s rotated q, k, v (only if ``has_attention``)."""
         raise NotImplementedError
 
     @torch.no_grad()
