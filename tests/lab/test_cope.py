@@ -148,3 +148,13 @@ def test_specs():
     with pytest.raises(SpecError, match="cope computes its own attention"):
         model_spec("cope+sliding")
     model_spec("cope+full")
+
+
+def test_the_papers_table_names_a_source_for_every_number():
+    from longlab.lab.report import PAPER_ROWS, PAPERS
+
+    for paper, _, _, numbers in PAPER_ROWS:
+        assert any(ch.isdigit() for ch in paper)  # the year at least
+        assert numbers.endswith("not transcribed") or "Table" in numbers
+        assert paper in PAPERS
+    assert any("CoPE" in row[0] for row in PAPER_ROWS)
