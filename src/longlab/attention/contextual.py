@@ -13,7 +13,8 @@ autograd goes through it). No T x T matrix is built: the forward holds block-siz
 
 Backward: autograd per query block under ``torch.utils.checkpoint``: the forward keeps nothing but
 the block's inputs, and the backward recomputes one query block at a time, so training memory is one
-query block's graph (bq x T per head), never T x T. Plain matmuls, gathers and cumsums: every device
+query block's graph (bq x T per head), never T x T. A sequence of one query block (the lab's training
+length) skips the checkpoint: its recomputed graph would be the whole graph anyway. Plain matmuls, gathers and cumsums: every device
 runs it; work is in float32 (float64 for float64).
 """
 
@@ -46,11 +47,12 @@ def contextual_attention(
     work = accumulator_dtype(q.dtype)
     q, k, v, embeddings = (x.to(work) for x in (q, k, v, embeddings))
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, embeddings))
+    checkpointed = grad and q.shape[2] > block  # one block: checkpointing would only add a recompute
     outs = []
     for start in range(0, q.shape[2], block):
         end = min(start + block, q.shape[2])
         args = (q[:, :, start:end], k[:, :, :end], v[:, :, :end], embeddings, start, scale, block)
-        outs.append(checkpoint(_query_block, *args, use_reentrant=False) if grad else _query_block(*args))
+        outs.append(checkpoint(_query_block, *args, use_reentrant=False) if checkpointed else _query_block(*args))
     return torch.cat(outs, dim=2).to(v.dtype)
 
 
