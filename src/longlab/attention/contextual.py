@@ -14,8 +14,8 @@ autograd goes through it). No T x T matrix is built: the forward holds block-siz
 Backward: autograd per query block under ``torch.utils.checkpoint``: the forward keeps nothing but
 the block's inputs, and the backward recomputes one query block at a time, so training memory is one
 query block's graph (bq x T per head), never T x T. A sequence of one query block (the lab's training
-length) skips the checkpoint: its recomputed graph would be the whole graph anyway. Plain matmuls, gathers and cumsums: every device
-runs it; work is in float32 (float64 for float64).
+length) skips the checkpoint: its recomputed graph would be the whole graph anyway. Plain matmuls,
+gathers and cumsums: every device runs it; work is in float32 (float64 for float64).
 """
 
 from __future__ import annotations
