@@ -169,7 +169,9 @@ def test_memorizing_layer_placement():
         component("memorizing:layer=4").build(four, 0)
 
 
-@pytest.mark.parametrize("spec", ["rope+infini:segment=8", "rope+infini:segment=8,update=delta", "rope+memorizing:segment=8"])
+@pytest.mark.parametrize(
+    "spec", ["rope+infini:segment=8", "rope+infini:segment=8,update=delta", "rope+memorizing:segment=8"]
+)
 def test_the_model_trains(spec):
     torch.manual_seed(0)
     position, attention = model_spec(spec)

@@ -75,7 +75,7 @@ class MemorizingAttention(AttentionModule):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         local = in_segment_attention(q, k, v, self.segment)
-        b, h, t, d = q.shape
+        b, h, t, _ = q.shape
         if self.top_k == 0 or t <= self.segment:
             return local
         rows = lambda x: x.reshape(b * h, x.shape[2], x.shape[3])  # noqa: E731  (one search row per head)
@@ -96,12 +96,17 @@ def knn_attention(
     product, scaled by 1/sqrt(d) (§3.2); gradients reach the queries only (the selection is discrete)."""
     slots = nearest(queries, keys, min(top_k, keys.shape[1]), index)
     picked = slots.clamp(min=0)
-    r, s, m = picked.shape
-    gather = lambda x: torch.gather(x[:, None].expand(r, s, *x.shape[1:]), 2, picked[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
-    near_keys, near_values = gather(keys), gather(values)
+    near_keys, near_values = _gather(keys, picked), _gather(values, picked)
     scores = (queries[:, :, None, :] * near_keys).sum(-1) / math.sqrt(queries.shape[-1])
     weights = torch.softmax(scores.masked_fill(slots < 0, -math.inf), dim=-1)
     return (weights[..., None] * near_values).sum(2)
+
+
+def _gather(memory: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """memory (R, M, e) at slots (R, S, k) -> (R, S, k, e); the memory is expanded, not copied, per query."""
+    r, s, _ = slots.shape
+    rows = memory[:, None].expand(r, s, *memory.shape[1:])
+    return torch.gather(rows, 2, slots[..., None].expand(-1, -1, -1, memory.shape[-1]))
 
 
 def nearest(queries: torch.Tensor, keys: torch.Tensor, top_k: int, index: type | None = None) -> torch.Tensor:

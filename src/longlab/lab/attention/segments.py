@@ -19,7 +19,7 @@ def in_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segm
     The sequence is padded to whole segments and viewed as (B, H * n, segment, d), so one fused
     causal SDPA call does every segment: memory O(T * segment), never T x T. Padding sits at the end
     of the last segment, after every real token, so causality already hides it from real queries."""
-    b, h, t, d = q.shape
+    b, h, t, _ = q.shape
     pad = -t % segment
     n = (t + pad) // segment
 
