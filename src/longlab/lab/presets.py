@@ -20,4 +20,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "fire",
     ),
     "efficient": ("rope", "rope+sliding", "rope+linear"),
+    "memory": (
+        "rope+infini",
+        "rope+infini:update=delta",
+        "rope+memorizing",
+    ),
 }
