@@ -103,10 +103,9 @@ def knn_attention(
 
 
 def _gather(memory: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """memory (R, M, e) at slots (R, S, k) -> (R, S, k, e); the memory is expanded, not copied, per query."""
-    r, s, _ = slots.shape
-    rows = memory[:, None].expand(r, s, *memory.shape[1:])
-    return torch.gather(rows, 2, slots[..., None].expand(-1, -1, -1, memory.shape[-1]))
+    """memory (R, M, e) at slots (R, S, k) -> (R, S, k, e)."""
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None, None]
+    return memory[rows, slots]
 
 
 def nearest(queries: torch.Tensor, keys: torch.Tensor, top_k: int, index: type | None = None) -> torch.Tensor:
