@@ -200,3 +200,10 @@ def test_bad_parameters():
     ]:
         with pytest.raises(SpecError, match=message):
             model_spec(spec)
+
+
+def test_the_memory_preset_parses():
+    from longlab.lab.presets import PRESETS
+
+    for spec in PRESETS["memory"]:
+        model_spec(spec)
