@@ -21,4 +21,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "cope",
     ),
     "efficient": ("rope", "rope+sliding", "rope+linear"),
+    "memory": (
+        "rope+infini",
+        "rope+infini:update=delta",
+        "rope+memorizing",
+    ),
 }
