@@ -20,4 +20,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "fire",
     ),
     "efficient": ("rope", "rope+sliding", "rope+linear"),
+    "memory": (
+        "rope+rmt",
+        "rope+landmark",
+    ),
 }
