@@ -92,7 +92,7 @@ class LandmarkAttention(AttentionModule):
         size, width = self.block, self.block + 1
         n = t // width  # complete blocks (each ends with its landmark)
         grouped_k = k[:, :, : n * width].reshape(b, h, n, width, d)
-        grouped_v = v[:, :, : n * width].reshape(b, h, n, width, -1)
+        grouped_v = v[:, :, : n * width].reshape(b, h, n, width, v.shape[-1])
         regular_k, regular_v, landmark_k = grouped_k[..., :size, :], grouped_v[..., :size, :], grouped_k[..., size, :]
         q = q * d**-0.5
         outs = []
@@ -123,7 +123,7 @@ def _retrieve(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per query and head, the ``top_k`` earlier blocks by landmark score (§3.2): their gate scores
     (B, H, c, k) and their regular keys and values (B, H, c, k, block, d), gathered, not masked."""
-    b, h, c, g = gates.shape
+    b, h, c = gates.shape[:3]
     gates, index = gates.topk(top_k, dim=-1)
     flat = index.reshape(b, h, c * top_k, 1)
 
