@@ -123,13 +123,9 @@ def _retrieve(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per query and head, the ``top_k`` earlier blocks by landmark score (§3.2): their gate scores
     (B, H, c, k) and their regular keys and values (B, H, c, k, block, d), gathered, not masked."""
-    b, h, c = gates.shape[:3]
-    gates, index = gates.topk(top_k, dim=-1)
-    flat = index.reshape(b, h, c * top_k, 1)
-
-    def pick(x: torch.Tensor) -> torch.Tensor:
-        rows = x.flatten(3)  # (B, H, g, block * d)
-        taken = rows.gather(2, flat.expand(-1, -1, -1, rows.shape[-1]))
-        return taken.reshape(b, h, c, top_k, *x.shape[3:])
-
-    return gates, pick(keys), pick(values)
+    b, h = gates.shape[:2]
+    gates, index = gates.topk(top_k, dim=-1)  # (B, H, c, k)
+    # advanced indexing, not gather with an index expanded over block * d (several times slower on CPU)
+    bi = torch.arange(b, device=index.device)[:, None, None, None]
+    hi = torch.arange(h, device=index.device)[None, :, None, None]
+    return gates, keys[bi, hi, index], values[bi, hi, index]
