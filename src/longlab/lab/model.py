@@ -81,6 +81,10 @@ class Backbone(nn.Module):
         self.position = position
         self.blocks = nn.ModuleList(Block(size, shape, position, attention, layer) for layer in range(size.layers))
         self.norm = nn.RMSNorm(size.d_model)
+        # a component that changes the token stream runs the blocks itself (memory models); its own
+        # parameters come from a forked stream, so every other weight stays the same under one seed
+        with torch.random.fork_rng(devices=[]):
+            self.runner = attention.runner(shape)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> SimpleNamespace:
         if positions is None:
@@ -89,8 +93,11 @@ class Backbone(nn.Module):
         absolute = self.position.absolute(positions)
         if absolute is not None:
             x = x + absolute.to(x.dtype)
-        for block in self.blocks:
-            x = block(x, positions)
+        if self.runner is not None:
+            x = self.runner(x, positions, self.blocks)
+        else:
+            for block in self.blocks:
+                x = block(x, positions)
         return SimpleNamespace(last_hidden_state=self.norm(x))
 
 

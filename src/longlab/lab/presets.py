@@ -25,5 +25,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "rope+infini",
         "rope+infini:update=delta",
         "rope+memorizing",
+        "rope+rmt",
+        "rope+landmark",
     ),
 }

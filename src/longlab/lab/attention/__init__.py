@@ -1,3 +1,3 @@
 """The lab's attention components, one per module; importing this package registers them all."""
 
-from longlab.lab.attention import full, infini, linear, memorizing, sliding  # noqa: F401
+from longlab.lab.attention import full, infini, landmark, linear, memorizing, rmt, sliding  # noqa: F401

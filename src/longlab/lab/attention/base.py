@@ -1,6 +1,9 @@
 """What every lab attention component provides to the lab model: causal attention of q, k, v
 (B, H, T, d) that the position component has already rotated; positions (T,) for those that need
-them. Position biases need the full softmax (``full``): other attentions refuse a biased position."""
+them. Position biases need the full softmax (``full``): other attentions refuse a biased position.
+
+A component that changes the token stream (memory tokens, landmark tokens) also provides a
+:class:`Runner`, which takes over the model's loop over its blocks."""
 
 from __future__ import annotations
 
@@ -22,6 +25,21 @@ class LabAttention(Method):
 
     def build(self, shape: ModelShape, layer: int) -> AttentionModule:
         """The module of layer ``layer`` (0-based, of ``shape.layers``) of a model of ``shape``."""
+        raise NotImplementedError
+
+    def runner(self, shape: ModelShape) -> Runner | None:
+        """The model-level loop of a component that changes the token stream; ``None``: the plain loop
+        (every block once over the whole sequence)."""
+        return None
+
+
+class Runner(nn.Module):
+    """Embeddings (B, T, d_model) in, last-block hidden states (B, T, d_model) out, running ``blocks``
+    (each ``block(x, positions)``) however the component needs: segment by segment with a carried
+    state, or over a stream with tokens inserted. The output keeps the input's length, so the loss,
+    perplexity and passkey code never see the component's own tokens. Its parameters are the model's."""
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, blocks: nn.ModuleList) -> torch.Tensor:
         raise NotImplementedError
 
 
