@@ -19,5 +19,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "sandwich",
         "fire",
     ),
-    "efficient": ("rope", "rope+sliding", "rope+linear"),
+    "efficient": (
+        "rope",
+        "rope+sliding",
+        "rope+linear",
+        "rope+gqa",
+        "rope+mqa",
+        "rope+cla",
+        "rope+differential",
+    ),
 }
