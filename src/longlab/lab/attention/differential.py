@@ -30,7 +30,8 @@ class Differential(LabAttention):
 
     with learnable lq1, lk1, lq2, lk2 (d each, per layer, drawn from N(0, 0.1^2) as the authors' code)
     and lambda_init = 0.8 - 0.6 exp(-0.3 (l - 1)) for layer l = 1..L unless given. Each map is an
-    exact causal softmax (SDPA: memory O(T d), no T x T matrix on fused kernels)."""
+    exact causal softmax (SDPA with q and k zero-padded to v's 2d, so the fused kernels take it:
+    memory O(T d), no T x T matrix)."""
 
     name = "differential"
     lambda_init: float | None = None
@@ -68,8 +69,12 @@ class DifferentialAttention(AttentionModule):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """q, k, v (B, H, T, d) -> (B, H/2, T, 2d): the model's output projection reads H/2 heads of 2d."""
+        d = q.shape[-1]
         value = torch.cat((v[:, 0::2], v[:, 1::2]), dim=-1)  # head i: channels of value heads 2i, 2i+1
-        first = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], value, is_causal=True)
-        second = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], value, is_causal=True)
+        # fused kernels want one head size for q, k and v (torch 2.13's CPU flash kernel falls back to
+        # the T x T math path otherwise): zero-pad q and k to 2d, which leaves every score unchanged
+        q, k = F.pad(q, (0, d)), F.pad(k, (0, d))
+        first = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], value, is_causal=True, scale=d**-0.5)
+        second = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], value, is_causal=True, scale=d**-0.5)
         lam = self.lam().to(q.dtype)
         return self.norm(first - lam * second) * (1 - self.lambda_init)
