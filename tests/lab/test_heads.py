@@ -292,3 +292,17 @@ def test_runs_under_strict_devices(spec, strict_device):
     with strict_device():
         loss = model.loss(IDS)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("spec", ["gqa:kv_heads=2", "mqa", "differential"])
+def test_attention_stays_on_the_fused_kernel(spec):
+    """Memory bounded: SDPA's fused CPU kernel (O(T d)), never its math path that builds T x T scores
+    (grouped K/V or unequal q/v head sizes can send it there)."""
+    module = component(spec).build(SHAPE, 0)
+    kv = module.kv_heads or SHAPE.heads
+    q, k, v = _tensors((1, 6, 64, 8), (1, kv, 64, 8), (1, kv, 64, 8), dtype=torch.float32)
+    with torch.profiler.profile() as profile:
+        module(q, k, v, torch.arange(64)).sum().backward()
+    ops = {event.key for event in profile.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
