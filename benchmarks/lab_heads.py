@@ -5,15 +5,18 @@ Prints, in one run and side by side with their ratios, for each component at eac
 
 - ``KV B/tok``  keys and values a decoder caches per token, all layers (``lab.kv_bytes``), and the
   cache a sequence of that length holds;
-- ``s``         wall time of one forward + backward of the whole lab model (tiny size, batch 1).
+- ``s``         wall time of one forward + backward of the whole lab model (tiny size), the median
+  of ``--repeats``; the models take turns within each repeat, so a shared machine's changing load
+  falls on all of them alike.
 
-    python benchmarks/lab_heads.py                        # L = 512, 2048; tiny model, 1 thread
-    python benchmarks/lab_heads.py --size small --lengths 1024,4096
+    python benchmarks/lab_heads.py                        # 8 x 128 (a training batch), 1 x 512, 1 x 2048
+    python benchmarks/lab_heads.py --size small --shapes 1x1024,1x4096
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -31,33 +34,37 @@ def build(spec: str, size: str) -> LabModel:
     return LabModel(1024, SIZES[size], position, train_length=128, attention=attention)
 
 
-def seconds(model: LabModel, ids: torch.Tensor, repeats: int) -> float:
-    model.loss(ids).backward()  # warm-up
+def seconds(model: LabModel, ids: torch.Tensor) -> float:
     began = time.perf_counter()
-    for _ in range(repeats):
-        model.loss(ids).backward()
-    return (time.perf_counter() - began) / repeats
+    model.loss(ids).backward()
+    return time.perf_counter() - began
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="512,2048")
+    parser.add_argument("--shapes", default="8x128,1x512,1x2048", help="batch x length, comma-separated")
     parser.add_argument("--size", default="tiny", choices=tuple(SIZES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    full = build("rope", args.size)
-    full_kv = kv_bytes_per_token(full)
-    print(f"{'component':<22} {'L':>5} {'KV B/tok':>8} {'full':>6} {'KV ratio':>8} {'KV MB at L':>10} "
+    models = {spec: build(spec, args.size) for spec in ("rope", *COMPONENTS)}
+    full_kv = kv_bytes_per_token(models["rope"])
+    print(f"{'component':<22} {'B x L':>7} {'KV B/tok':>8} {'full':>6} {'KV ratio':>8} {'KV MB at L':>10} "
           f"{'s':>7} {'full s':>7} {'time ratio':>10}")  # fmt: skip
-    for length in (int(x) for x in args.lengths.split(",")):
-        ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(length))
-        full_s = seconds(full, ids, args.repeats)
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
+        ids = torch.randint(0, 1024, (batch, length), generator=torch.Generator().manual_seed(length))
+        times: dict[str, list[float]] = {spec: [] for spec in models}
+        for repeat in range(args.repeats + 1):
+            for spec, model in models.items():
+                took = seconds(model, ids)
+                if repeat:  # the first round warms up
+                    times[spec].append(took)
+        full_s = statistics.median(times["rope"])
         for spec in COMPONENTS:
-            model = build(spec, args.size)
-            kv, s = kv_bytes_per_token(model), seconds(model, ids, args.repeats)
-            print(f"{spec:<22} {length:>5} {kv:>8} {full_kv:>6} {kv / full_kv:>8.2f} {kv * length / 2**20:>10.2f} "
+            kv, s = kv_bytes_per_token(models[spec]), statistics.median(times[spec])
+            print(f"{spec:<22} {shape:>7} {kv:>8} {full_kv:>6} {kv / full_kv:>8.2f} {kv * length / 2**20:>10.2f} "
                   f"{s:>7.3f} {full_s:>7.3f} {s / full_s:>10.2f}")  # fmt: skip
 
 
