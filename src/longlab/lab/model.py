@@ -38,19 +38,36 @@ SIZES = {
 
 
 class Attention(nn.Module):
+    """Projections, position rotation and output of one layer; the attention component computes the
+    attention itself and says which K/V this layer projects: ``attend.kv_heads`` heads (fewer than the
+    query heads for GQA/MQA; ``None``: as many) or none at all, reusing those of layer
+    ``attend.kv_layer`` (CLA) from the forward pass's ``shared`` dict. The default (``Full``) is one
+    fused q|k|v projection, as before: the same weights and numerics for every existing component."""
+
     def __init__(self, size: Size, position: PositionModule, attend: AttentionModule, layer: int = 0):
         super().__init__()
         self.attend, self.layer = attend, layer
         self.heads, self.head_dim = size.heads, size.d_model // size.heads
-        self.qkv = nn.Linear(size.d_model, 3 * size.d_model, bias=False)
+        self.kv_heads = attend.kv_heads or size.heads
+        self.projects_kv = attend.kv_layer in (None, layer)
+        kv_width = 2 * self.kv_heads * self.head_dim if self.projects_kv else 0
+        self.qkv = nn.Linear(size.d_model, size.d_model + kv_width, bias=False)
         self.out = nn.Linear(size.d_model, size.d_model, bias=False)
         self.position = [position]  # shared by every layer; a list keeps it out of this layer's parameters
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = self.kv_heads * self.head_dim if self.projects_kv else 0
+        parts = self.qkv(x).split([self.heads * self.head_dim] + ([kv, kv] if kv else []), dim=-1)
+        q, *kv_parts = (p.view(b, t, -1, self.head_dim).transpose(1, 2) for p in parts)  # (B, heads, T, d)
         position = self.position[0]
-        q, k = position.rotate(q, positions, key=False), position.rotate(k, positions, key=True)
+        q = position.rotate(q, positions, key=False)
+        if self.projects_kv:
+            k, v = position.rotate(kv_parts[0], positions, key=True), kv_parts[1]
+            if self.attend.kv_layer is not None:  # a CLA group's first layer: later layers reuse k (rotated once), v
+                shared[self.layer] = (k, v)
+        else:
+            k, v = shared[self.attend.kv_layer]
         if position.has_attention:  # CoPE: its positions depend on q and k
             y = position.attend(q, k, v, positions, self.layer)
         elif position.has_bias:
@@ -64,12 +81,14 @@ class Block(nn.Module):
     def __init__(self, size: Size, shape: ModelShape, position: PositionModule, attention: LabAttention, layer: int):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(size.d_model), nn.RMSNorm(size.d_model)
-        self.attention = Attention(size, position, attention.build(shape, layer), layer)
+        with torch.random.fork_rng(devices=[]):  # an attention's own parameters (Differential's lambdas)
+            attend = attention.build(shape, layer)  # do not shift the weights every model shares
+        self.attention = Attention(size, position, attend, layer)
         self.up = nn.Linear(size.d_model, 2 * size.mlp, bias=False)
         self.down = nn.Linear(size.mlp, size.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x), positions, shared)
         gate, up = self.up(self.norm2(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)  # SwiGLU, as Llama
 
@@ -96,8 +115,9 @@ class Backbone(nn.Module):
         if self.runner is not None:
             x = self.runner(x, positions, self.blocks)
         else:
+            shared: dict = {}  # this forward pass's K/V that later layers reuse (CLA); freed when it returns
             for block in self.blocks:
-                x = block(x, positions)
+                x = block(x, positions, shared)
         return SimpleNamespace(last_hidden_state=self.norm(x))
 
 

@@ -20,7 +20,15 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "fire",
         "cope",
     ),
-    "efficient": ("rope", "rope+sliding", "rope+linear"),
+    "efficient": (
+        "rope",
+        "rope+sliding",
+        "rope+linear",
+        "rope+gqa",
+        "rope+mqa",
+        "rope+cla",
+        "rope+differential",
+    ),
     "memory": (
         "rope+infini",
         "rope+infini:update=delta",

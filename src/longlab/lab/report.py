@@ -124,20 +124,22 @@ def write_report(out: Path, config, rows: list[dict]) -> Path:
         "",
         "## Training cost",
         "",
-        "| component | parameters | tokens/s | peak memory (MB) | final train loss |",
-        "|---|---|---|---|---|",
+        "| component | parameters | tokens/s | peak memory (MB) | final train loss | KV cache bytes/token |",
+        "|---|---|---|---|---|---|",
     ]
     for name in names:
         t = train.get(name)
         if t:
             peak = f"{t['peak_memory_mb']:.0f}" if t.get("peak_memory_mb") else "–"
+            kv = f"{t['kv_bytes_per_token']:,}" if t.get("kv_bytes_per_token") is not None else "–"
             lines.append(
-                f"| `{name}` | {t['parameters']:,} | {t['tokens_per_s']:.0f} | {peak} | {t['final_loss']:.3f} |"
+                f"| `{name}` | {t['parameters']:,} | {t['tokens_per_s']:.0f} | {peak} | {t['final_loss']:.3f} | {kv} |"
             )
     lines += [
         "",
         "Peak memory is the CUDA allocator's peak on a GPU, the process's peak resident size on the CPU "
-        "(Python and torch included).",
+        "(Python and torch included). KV cache bytes/token: keys and values a decoder keeps per token, all "
+        "layers, at the weights' precision (– : no per-token cache, e.g. linear attention's constant state).",
         "",
         PAPERS,
     ]

@@ -28,6 +28,7 @@ from longlab.eval import memory
 from longlab.eval.plots import slug
 from longlab.lab import evaluate
 from longlab.lab.components import model_spec, spec_name
+from longlab.lab.kv_bytes import kv_bytes_per_token
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.presets import PRESETS
 from longlab.loading import model_path
@@ -258,5 +259,6 @@ def train(folder: Path, spec, config: LabConfig, tok, text: np.ndarray, device: 
         "peak_memory_mb": max(peaks) / 2**20 if peaks else None,
         "final_loss": float(np.mean([steps[s]["loss"] for s in sorted(steps)[-10:]])),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "kv_bytes_per_token": kv_bytes_per_token(model),
         "device": device.type,
     }

@@ -1,3 +1,15 @@
 """The lab's attention components, one per module; importing this package registers them all."""
 
-from longlab.lab.attention import full, infini, landmark, linear, memorizing, rmt, sliding  # noqa: F401
+from longlab.lab.attention import (  # noqa: F401
+    cla,
+    differential,
+    full,
+    gqa,
+    infini,
+    landmark,
+    linear,
+    memorizing,
+    mqa,
+    rmt,
+    sliding,
+)

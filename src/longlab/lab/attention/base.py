@@ -44,5 +44,12 @@ class Runner(nn.Module):
 
 
 class AttentionModule(nn.Module):
+    """Causal attention of one layer. The class attributes tell the model (``lab.model.Attention``)
+    which K/V projections this layer owns; the defaults are multi-head attention's."""
+
+    kv_heads: int | None = None  # K/V heads projected; None: one per query head (GQA/MQA set fewer)
+    kv_layer: int | None = None  # CLA: the layer whose K/V this one uses (its own: it projects and shares them)
+    keeps_kv = True  # whether decoding keeps K/V per token (linear attention keeps a constant state instead)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -42,6 +42,8 @@ class Linear(LabAttention):
 
 
 class LinearAttention(AttentionModule):
+    keeps_kv = False  # decoding carries (S, z), not K/V per token
+
     def __init__(self, chunk: int, eps: float):
         super().__init__()
         self.chunk, self.eps = chunk, eps
