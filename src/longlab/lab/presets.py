@@ -19,5 +19,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "sandwich",
         "fire",
     ),
-    "efficient": ("rope", "rope+sliding", "rope+linear"),
+    "efficient": (
+        "rope",
+        "rope+sliding",
+        "rope+linear",
+        "rope+performer",
+        "rope+cosformer",
+    ),
 }
