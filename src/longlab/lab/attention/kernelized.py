@@ -64,6 +64,11 @@ def causal_linear_attention(
             state, norm = state * rescale, norm * rescale[..., 0]
             ck = torch.exp(ck - shift)
             sums.shift = shift
+        if z - a == 1:  # one token (decoding): add it to the sums, then read them; no mask needed
+            sums.state, sums.norm = state + ck.transpose(-1, -2) @ cv, norm + ck[:, :, 0]
+            numerator, denominator = cq @ sums.state, (cq * sums.norm[:, :, None]).sum(-1)
+            outs.append(numerator / (denominator[..., None] + eps))
+            continue
         inside = torch.ones(z - a, z - a, dtype=torch.bool, device=fq.device).tril()
         weights = (cq @ ck.transpose(-1, -2)).masked_fill(~inside, 0.0)  # causal, within the chunk
         numerator = weights @ cv + cq @ state
@@ -71,7 +76,7 @@ def causal_linear_attention(
         outs.append(numerator / (denominator[..., None] + eps))
         sums.state = state + ck.transpose(-1, -2) @ cv
         sums.norm = norm + ck.sum(2)
-    return torch.cat(outs, dim=2)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class KernelizedAttention(AttentionModule):

@@ -100,7 +100,8 @@ class PerformerAttention(KernelizedAttention):
         if self.training and self.redraw:
             steps = int(self.steps)
             if steps and steps % self.redraw == 0:
-                generator = torch.Generator(device="cpu").manual_seed(draw_seed(self.seed, self.layer, steps // self.redraw))
+                seed = draw_seed(self.seed, self.layer, steps // self.redraw)
+                generator = torch.Generator(device="cpu").manual_seed(seed)
                 drawn = orthogonal_features(self.projection.shape[0], self.projection.shape[1], generator)
                 self.projection.copy_(drawn)
             self.steps += 1
