@@ -22,7 +22,8 @@ class KernelSums:
     With ``log_keys`` the keys' features arrive as logarithms and the sums are stored divided by
     exp(shift), shift being the running maximum of those logarithms (per batch row and head): exp never
     overflows, and the factor cancels exactly between numerator and denominator (the Performer code's
-    stabiliser, made causal: the maximum of the keys so far, not of the whole sequence)."""
+    stabiliser, made causal: the maximum of the keys up to the current chunk's end, not of the whole
+    sequence; within a chunk it includes later keys, a constant that can only matter through ``eps``)."""
 
     def __init__(self) -> None:
         self.state: torch.Tensor | None = None  # (B, H, m, dv): sum phi(k) v^T
