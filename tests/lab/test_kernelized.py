@@ -226,3 +226,28 @@ def test_cosformer_refuses_sequences_beyond_its_horizon():
         component("cosformer:horizon=16").build(SHAPE, 0)(q, k, v, torch.arange(T))
     with pytest.raises(LonglabError, match="needs the total length"):
         component("cosformer").build(SHAPE, 0).recurrent()
+
+
+class _LargestResult(torch.overrides.TorchFunctionMode):
+    """Records the largest trailing (rows x columns) of any tensor a torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                self.largest = max(self.largest, t.shape[-1] * t.shape[-2])
+        return out
+
+
+@pytest.mark.parametrize("spec", ["linear", "performer:features=32", "cosformer"])
+def test_no_length_by_length_matrix_is_built(spec):
+    t = 512
+    q, k, v = (torch.randn(1, 2, t, 8, requires_grad=True) for _ in range(3))
+    module = component(spec).build(SHAPE, 0)
+    with _LargestResult() as mode:
+        module(q, k, v, torch.arange(t)).sum().backward()
+    assert mode.largest <= t * 32  # T x features at most (a T x T matrix would be 16x that)
