@@ -24,6 +24,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "rope",
         "rope+sliding",
         "rope+linear",
+        "rope+performer",
+        "rope+cosformer",
         "rope+gqa",
         "rope+mqa",
         "rope+cla",

@@ -2,6 +2,7 @@
 
 from longlab.lab.attention import (  # noqa: F401
     cla,
+    cosformer,
     differential,
     full,
     gqa,
@@ -10,6 +11,7 @@ from longlab.lab.attention import (  # noqa: F401
     linear,
     memorizing,
     mqa,
+    performer,
     rmt,
     sliding,
 )
