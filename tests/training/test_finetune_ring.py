@@ -32,8 +32,9 @@ from longlab.training.ring import check_row_length
 
 RECIPES = {
     "full": FinetuneRecipe(method="linear:factor=2", length=64, steps=2, batch_size=2, warmup_steps=1),
-    # PoSE rows of 32 tokens whose positions jump across 128: the shards carry those positions
-    "pose": FinetuneRecipe(method="yarn:factor=4", recipe="pose", length=128, train_length=32, steps=2,
+    # PoSE rows of 32 tokens whose positions jump across 1024: the shards carry those positions, and the
+    # dynamic method's table must be the one for the largest position (past L_train = 512), not for 32
+    "pose": FinetuneRecipe(method="dynamic_ntk:factor=2", recipe="pose", length=1024, train_length=32, steps=2,
                            batch_size=2, warmup_steps=1),
 }  # fmt: skip
 RESUMED = dataclasses.replace(RECIPES["full"], checkpoint_every=1)
@@ -172,11 +173,12 @@ def test_ring_resumes_a_run_to_the_same_weights(runs):
     _assert_same_run(runs["resumed"], runs["single-full"], RESUMED)
 
 
-def test_one_rank_ring_is_the_single_process_run(runs, tokens, tmp_path):
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_one_rank_ring_is_the_single_process_run(runs, tokens, tmp_path, name):
     """--ring 1 without torchrun: a process group of one, the same ring code path, the same run."""
-    ft.finetune(_folder(tmp_path, tokens), RECIPES["full"], threads=1, ring=1)
+    ft.finetune(_folder(tmp_path, tokens), RECIPES[name], threads=1, ring=1)
     assert not dist.is_initialized()  # the group it made is gone
-    _assert_same_run(tmp_path, runs["single-full"], RECIPES["full"])
+    _assert_same_run(tmp_path, runs[f"single-{name}"], RECIPES[name])
 
 
 # -- errors ---------------------------------------------------------------------------------------
