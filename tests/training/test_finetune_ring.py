@@ -26,6 +26,7 @@ import longlab
 from longlab.cli import main
 from longlab.data.corpus import documents
 from longlab.errors import LonglabError
+from longlab.parallel import shard
 from longlab.training import finetune as ft
 from longlab.training.recipe import FinetuneRecipe
 from longlab.training.ring import check_row_length
@@ -226,3 +227,21 @@ def test_cli_reports_a_bad_ring(tmp_path, capsys):
     argv = ["finetune", "--method", "linear:factor=2", "--length", "64", "--out", str(tmp_path), "--ring", "0"]
     assert main(argv) == 2
     assert "parameter 'ring' must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_split_with_position_ids_refuses_padding():
+    """shard().split(ids, position_ids) keeps the rows' own positions; it cannot pad them (PoSE has gaps)."""
+    model, _ = longlab.load("tiny")
+    longlab.apply(model, "none")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with shard(model, layout="zigzag") as sp:
+            positions = torch.tensor([[0, 5, 6, 9]])
+            ids = torch.arange(10, 14)[None]
+            local, local_positions = sp.split(ids, positions)  # one rank: its shard is the whole row
+            assert torch.equal(local, ids) and torch.equal(local_positions, positions)
+            assert sp.global_length(local_positions) == 10  # the table for the largest position, not for 4
+            with pytest.raises(LonglabError, match="3 tokens do not divide into 2 equal zigzag chunks"):
+                sp.split(torch.arange(3)[None], positions[:, :3])
+    finally:
+        dist.destroy_process_group()
