@@ -66,8 +66,9 @@ def _finetune(args: argparse.Namespace) -> None:
                "seed": args.seed, "warmup_steps": args.warmup_steps}  # fmt: skip
     recipe = FinetuneRecipe(method=args.method, length=args.length, recipe=args.recipe, steps=args.steps,
                             **{k: v for k, v in options.items() if v is not None})  # fmt: skip
-    final = finetune(Path(args.out), recipe, model=args.model, threads=args.threads, device=args.device)
-    print(f"checkpoint: {final} (evaluate: longlab eval --model {final})")
+    final = finetune(Path(args.out), recipe, model=args.model, threads=args.threads, device=args.device, ring=args.ring)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun only rank 0 wrote it
+        print(f"checkpoint: {final} (evaluate: longlab eval --model {final})")
 
 
 def _lab(args: argparse.Namespace) -> None:
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     tuner.add_argument("--seed", type=int, help="data and initialisation seed (default: 1234)")
     tuner.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     tuner.add_argument("--device", default="auto", help="auto (cuda when a GPU is there), cpu, cuda or cuda:N")
+    tuner.add_argument(
+        "--ring", type=int, help="split every row over N processes with ring attention (torchrun --nproc-per-node N)"
+    )
     tuner.set_defaults(run=_finetune)
 
     evaluate = commands.add_parser(

@@ -63,6 +63,7 @@ class SequenceParallel:
             config = model.config
             check_heads(config.num_attention_heads, config.num_key_value_heads, self.comm.world)
         self.layout: SequenceLayout | None = None  # set by split(): the current global sequence
+        self.table_length: int | None = None  # set by split() with position ids: their largest + 1
         self._previous = None
         self._active = False
 
@@ -89,11 +90,27 @@ class SequenceParallel:
         self._active = False
 
     # -- data ------------------------------------------------------------------------------------
-    def split(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(local input_ids, local position_ids) of this rank for a global (B, L) batch; sets the length."""
+    def split(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local input_ids, local position_ids) of this rank for a global (B, L) batch; sets the length.
+
+        ``position_ids`` (B or 1, L), increasing along each row, replace 0..L-1 (e.g. PoSE's skips); the
+        frequency table is then built for their largest value + 1, as the single-process model does. The
+        layout must not pad such a row (padding positions continue 0..L-1 only).
+        """
         self.layout = SequenceLayout(self.kind, self.comm.world, int(input_ids.shape[1]))
         local = self.layout.split(input_ids, self.comm.rank, dim=1, pad_value=0)
-        return local, self.layout.positions(self.comm.rank).to(input_ids.device)
+        self.table_length = None
+        if position_ids is None:
+            return local, self.layout.positions(self.comm.rank).to(input_ids.device)
+        if self.layout.padding:
+            raise LonglabError(
+                f"given position ids need a length that splits without padding: {self.layout.length} tokens do "
+                f"not divide into {self.layout.pieces} equal {self.kind} chunks"
+            )
+        self.table_length = int(position_ids.max()) + 1
+        return local, self.layout.split(position_ids, self.comm.rank, dim=1)
 
     def labels(self, labels: torch.Tensor) -> torch.Tensor:
         """This rank's next-token labels: ``labels`` (B, L) (usually the input ids) shifted by one
@@ -133,6 +150,8 @@ class SequenceParallel:
     # -- attention -------------------------------------------------------------------------------
     def global_length(self, q_pos: torch.Tensor) -> int:
         """Real global length for the frequency table: from split(), else the largest position over ranks + 1."""
+        if self.table_length is not None:
+            return self.table_length
         if self.layout is not None:
             return self.layout.length
         largest = q_pos.max().reshape(1).clone()

@@ -8,16 +8,19 @@ and its exact backward, with position ids chosen by the recipe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from longlab.bridge import apply, reset
@@ -26,11 +29,13 @@ from longlab.bundled import train as base
 from longlab.data.corpus import build_corpus
 from longlab.errors import LonglabError
 from longlab.loading import load, resolve_device
+from longlab.parallel import shard
 from longlab.positions.base import PositionMethod
 from longlab.spec import compose, parse
 from longlab.training.checkpoint import write_method
 from longlab.training.pose import pose_positions
 from longlab.training.recipe import FinetuneRecipe
+from longlab.training.ring import LAYOUT, check_ring, check_row_length, process_group, ring_loss
 from longlab.training.s2attn import shifted_sparse_attention
 
 
@@ -109,12 +114,30 @@ def finetune(
     model: str | Path = "tiny",
     threads: int | None = None,
     device: str | torch.device = "cpu",
+    ring: int | None = None,
 ) -> Path:
-    """Fine-tune (or resume) into ``out``; returns the folder of the final checkpoint (``out``/final)."""
+    """Fine-tune (or resume) into ``out``; returns the folder of the final checkpoint (``out``/final).
+
+    ``ring`` = N splits every training row over the N processes of a torch.distributed group (torchrun's,
+    or one already initialized) with ring attention (longlab.training.ring); the run, its log, state and
+    checkpoint are the single-process run's up to float rounding, and it resumes either way.
+    """
     recipe = recipe or FinetuneRecipe()
+    check_ring(ring, recipe)
     device = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
+    if ring is None:
+        return _finetune(out, recipe, model, device, None, 0)
+    with process_group(ring, device) as (rank, rank_device):
+        final = _finetune(out, recipe, model, rank_device, ring, rank)
+        dist.barrier()  # the checkpoint is complete before any rank returns its path
+    return final
+
+
+def _finetune(out: Path, recipe: FinetuneRecipe, model: str | Path, device: torch.device, ring: int | None,
+              rank: int) -> Path:  # fmt: skip
+    primary = rank == 0  # the one process that writes the log, the state and the checkpoint
     out.mkdir(parents=True, exist_ok=True)
     network, tokenizer = load(model, dtype=torch.float32, device="cpu")  # the same start on every device
     method = position_method(recipe.method, network)
@@ -125,7 +148,11 @@ def finetune(
             f"finetune: PoSE trains short to reach long: the training length ({train_length}) must be below the "
             f"target length ({recipe.length})"
         )
-    rows = Rows(recipe, train_length, tokenizer, _text_tokens(out, tokenizer))
+    if ring is not None:
+        check_row_length(ring, train_length)
+    with _first(ring is not None, primary):  # rank 0 builds the token cache, the others then read it
+        text = _text_tokens(out, tokenizer)
+    rows = Rows(recipe, train_length, tokenizer, text)
     torch.manual_seed(recipe.seed)
     trained = prepare_model(network, method, recipe).to(device)
     trained.train()
@@ -140,20 +167,29 @@ def finetune(
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=f"finetune {recipe.recipe}",
-               unit="step")  # fmt: skip
-    with (out / "log.jsonl").open("a") as log:
+               unit="step", disable=not primary)  # fmt: skip
+    sequence_parallel = shard(network, layout=LAYOUT) if ring is not None else contextlib.nullcontext()
+    log = (out / "log.jsonl").open("a") if primary else contextlib.nullcontext()
+    with log, sequence_parallel as sp:
         for step in bar:
             began = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = base.learning_rate(recipe, step)
             ids, positions = (t.to(device) for t in rows(step))
-            loss = trained(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
-            loss.backward()
+            if sp is None:
+                loss = trained(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+                loss.backward()
+            else:
+                loss = ring_loss(trained, sp, ids, positions)
+                loss.backward()
+                sp.all_reduce_gradients()  # each rank holds its tokens' share; the sum is the whole gradient
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             speed = ids.numel() / (time.perf_counter() - began)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{speed:.0f}")
+            if not primary:
+                continue
             entry = {
                 "step": step + 1,
                 "loss": loss.item(),
@@ -165,8 +201,19 @@ def finetune(
             if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps:
                 base.save_state(state_dir, trained, optimizer, step + 1, recipe)
     final = out / "final"
-    save_finetuned(trained, tokenizer, method, final)
+    if primary:
+        save_finetuned(trained, tokenizer, method, final)
     return final
+
+
+@contextlib.contextmanager
+def _first(distributed: bool, primary: bool) -> Iterator[None]:
+    """Run the block on the primary rank first, then on the others (they read what it wrote)."""
+    if distributed and not primary:
+        dist.barrier()
+    yield
+    if distributed and primary:
+        dist.barrier()
 
 
 def save_finetuned(trained: torch.nn.Module, tokenizer, method: PositionMethod, folder: Path) -> None:
