@@ -20,4 +20,10 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "fire",
     ),
     "efficient": ("rope", "rope+sliding", "rope+linear"),
+    "memory": (
+        "rope+segment",
+        "rope+xl",
+        "rope+moving_average",
+        "rope+cumulative_average",
+    ),
 }

@@ -1,3 +1,11 @@
 """The lab's attention components, one per module; importing this package registers them all."""
 
-from longlab.lab.attention import full, linear, sliding  # noqa: F401
+from longlab.lab.attention import (  # noqa: F401
+    cumulative_average,
+    full,
+    linear,
+    moving_average,
+    segment,
+    sliding,
+    xl,
+)
