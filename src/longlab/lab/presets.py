@@ -32,6 +32,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "rope+differential",
     ),
     "memory": (
+        "rope+segment",
+        "rope+segment:segment=64",
+        "rope+xl",
+        "rope+moving_average",
+        "rope+cumulative_average",
         "rope+infini",
         "rope+infini:update=delta",
         "rope+memorizing",

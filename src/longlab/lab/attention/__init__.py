@@ -3,6 +3,7 @@
 from longlab.lab.attention import (  # noqa: F401
     cla,
     cosformer,
+    cumulative_average,
     differential,
     full,
     gqa,
@@ -10,8 +11,11 @@ from longlab.lab.attention import (  # noqa: F401
     landmark,
     linear,
     memorizing,
+    moving_average,
     mqa,
     performer,
     rmt,
+    segment,
     sliding,
+    xl,
 )

@@ -1,0 +1,48 @@
+"""Segment-level attention with a stop-gradient memory of the preceding tokens, computed for a whole
+sequence at once: the kernel shared by ``segment`` (no memory) and ``xl`` (Transformer-XL)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: int, memory: int) -> torch.Tensor:
+    """Causal attention of q, k, v (B, H, T, d) cut into segments of ``segment`` tokens: a query of
+    the segment starting at s sees the segment's keys up to itself and the ``memory`` keys/values
+    before s (s - memory .. s - 1), detached. Every segment is one (segment) x (memory + segment)
+    score block, all blocks in one batched call, so memory is O(T (memory + segment)), never T x T."""
+    b, h, t, d = q.shape
+    count = math.ceil(t / segment)
+    pad = count * segment - t  # the last segment is padded; padded keys lie after every real query
+
+    def segments(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, 0, 0, pad)).view(b, h, count, segment, x.shape[-1])
+
+    qs, ks, vs = segments(q), segments(k), segments(v)
+    rows = torch.arange(segment, device=q.device)
+    allowed = (rows[None, :] <= rows[:, None]).expand(count, segment, segment)  # causal inside a segment
+    if memory:
+        # Stop-gradient (Dai et al., 2019, eq. for h~ = [SG(m), h]): the next segment reads these
+        # keys/values but sends no gradient back through them.
+        def remembered(x: torch.Tensor) -> torch.Tensor:
+            # zeros before the sequence, so segment n's window [n*segment - memory, n*segment) is a
+            # strided slice; the pre-sequence zeros are masked out below
+            padded = F.pad(x.detach(), (0, 0, memory, pad))
+            return padded.unfold(2, memory, segment)[:, :, :count].transpose(-1, -2)
+
+        ks = torch.cat([remembered(k), ks], dim=3)
+        vs = torch.cat([remembered(v), vs], dim=3)
+        starts = torch.arange(count, device=q.device) * segment
+        before = starts[:, None] - memory + torch.arange(memory, device=q.device)[None, :] >= 0
+        allowed = torch.cat([before[:, None, :].expand(count, segment, memory), allowed], dim=2)
+    width = ks.shape[3]
+    out = F.scaled_dot_product_attention(
+        qs.reshape(b, h * count, segment, d),
+        ks.reshape(b, h * count, width, d),
+        vs.reshape(b, h * count, width, v.shape[-1]),
+        attn_mask=allowed.repeat(h, 1, 1),
+    )
+    return out.view(b, h, count * segment, v.shape[-1])[:, :, :t]
