@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from longlab.cache.far import FaissIndex, TorchIndex
 from longlab.lab.attention.memorizing import MemorizingAttention, nearest
-from longlab.lab.attention.segments import in_segment_attention
+from longlab.lab.attention.recurrence import in_segment_attention
 from longlab.lab.components import component
 from longlab.lab.positions.base import ModelShape
 

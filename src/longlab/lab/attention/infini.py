@@ -11,7 +11,7 @@ from torch import nn
 
 from longlab.errors import SpecError
 from longlab.lab.attention.base import AttentionModule, LabAttention
-from longlab.lab.attention.segments import in_segment_attention, split
+from longlab.lab.attention.recurrence import in_segment_attention, split
 from longlab.lab.positions.base import ModelShape
 from longlab.lab.registry import register
 from longlab.method import check_range
