@@ -1,3 +1,3 @@
 """The lab's attention components, one per module; importing this package registers them all."""
 
-from longlab.lab.attention import full, linear, sliding  # noqa: F401
+from longlab.lab.attention import bigbird, blockwise, dilated, full, linear, longformer, longnet, sliding  # noqa: F401
