@@ -19,5 +19,14 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "sandwich",
         "fire",
     ),
-    "efficient": ("rope", "rope+sliding", "rope+linear"),
+    "efficient": (
+        "rope",
+        "rope+sliding",
+        "rope+linear",
+        "rope+dilated",
+        "rope+longformer",
+        "rope+bigbird",
+        "rope+longnet",
+        "rope+blockwise",
+    ),
 }

@@ -84,7 +84,9 @@ class BigBirdAttention(SparseAttention):
 
     def random(self, blocks: int, device: torch.device) -> torch.Tensor:
         s = self.spec
-        return random_blocks(s.seed, self.layer, self.heads, blocks, s.window_blocks, s.global_blocks, s.random_blocks, device)
+        return random_blocks(
+            s.seed, self.layer, self.heads, blocks, s.window_blocks, s.global_blocks, s.random_blocks, device
+        )
 
     def pattern(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         s, blocks = self.spec, -(-length // self.block)
