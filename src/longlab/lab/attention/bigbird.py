@@ -26,7 +26,14 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def random_blocks(
-    seed: int, layer: int, heads: int, blocks: int, window_blocks: int, global_blocks: int, count: int, device
+    seed: int,
+    layer: int,
+    heads: int,
+    blocks: int,
+    window_blocks: int,
+    global_blocks: int,
+    count: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """(heads, blocks, count) random key blocks of each query block, -1 where fewer are eligible.
 
