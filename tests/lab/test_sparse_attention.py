@@ -248,3 +248,14 @@ def test_bad_parameters_are_refused(spec, message):
 def test_head_counts_beyond_the_model_are_refused(spec, message):
     with pytest.raises(SpecError, match=f"'{message}' must be an integer >= 0 and <= the model's 4 heads"):
         component(spec).build(SHAPE, 0)
+
+
+@pytest.mark.parametrize("spec", DEFAULTS)
+def test_the_model_runs_under_strict_devices(strict_device, spec):
+    """A tensor made without its inputs' device lands on meta here and meets the CPU data: an error."""
+    ids = torch.randint(0, 50, (1, 70), device="cpu")
+    position, attention = model_spec(f"rope+{spec}")
+    model = LabModel(50, SIZES["tiny"], position, train_length=16, attention=attention)
+    with strict_device():
+        loss = model.loss(ids, torch.arange(70, device="cpu"))
+    assert torch.isfinite(loss)
