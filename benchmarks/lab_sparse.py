@@ -13,6 +13,11 @@ on the CPU, the allocator's peak on CUDA, minus what was allocated with the inpu
 
     python benchmarks/lab_sparse.py                             # T = 1k, 2k, 4k; 4 heads, head dim 16
     python benchmarks/lab_sparse.py --heads 8 --dim 64 --device cuda
+    python benchmarks/lab_sparse.py --train          # lab training tokens/s of each model, ratio to rope
+
+``--train`` times training steps of the lab's tiny model (batch 8 x 128 tokens, AdamW) for ``rope`` and
+``rope+<attention>``, the models taking turns step block by step block so a shared machine's changing
+load falls on all alike; median tokens/s of the rounds, ratio to ``rope`` (full attention).
 """
 
 from __future__ import annotations
@@ -78,6 +83,40 @@ def _measure(method: str, length: int, heads: int, dim: int, device: str, thread
     return {"seconds": seconds, "peak_mb": (memory.peak_bytes(dev) - before) / 2**20}
 
 
+def _train_throughput(args) -> None:
+    import statistics
+
+    import torch
+
+    from longlab.lab.components import model_spec
+    from longlab.lab.model import SIZES, LabModel
+
+    torch.set_num_threads(args.threads)
+    specs = ["rope", "rope+sliding", *(f"rope+{p}" for p in args.patterns.split(","))]
+    models = {}
+    for spec in specs:
+        torch.manual_seed(0)
+        position, attention = model_spec(spec)
+        model = LabModel(1024, SIZES["tiny"], position, train_length=128, attention=attention).to(args.device)
+        models[spec] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    ids = torch.randint(0, 1024, (8, 128), device=args.device)
+    rates: dict[str, list[float]] = {spec: [] for spec in specs}
+    for _ in range(args.rounds):
+        for spec, (model, optimizer) in models.items():
+            began = time.perf_counter()
+            for _ in range(args.steps):
+                optimizer.zero_grad()
+                model.loss(ids).backward()
+                optimizer.step()
+            rates[spec].append(args.steps * ids.numel() / (time.perf_counter() - began))
+    full = statistics.median(rates["rope"])
+    print(f"lab training, tiny model, batch 8 x 128, {args.rounds} rounds of {args.steps} steps, {args.device}\n")
+    print("| model | tokens/s (median) | ratio to rope |\n|---|---|---|")
+    for spec in specs:
+        rate = statistics.median(rates[spec])
+        print(f"| `{spec}` | {rate:.0f} | {rate / full:.2f} |")
+
+
 def _in_fresh_process(method: str, length: int, args) -> dict:
     command = [sys.executable, __file__, "--one", method, "--lengths", str(length), "--heads", str(args.heads),
                "--dim", str(args.dim), "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
@@ -93,8 +132,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train", action="store_true", help="lab training tokens/s instead")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.train:
+        _train_throughput(args)
+        return
     if args.one:
         print(json.dumps(_measure(args.one, int(args.lengths), args.heads, args.dim, args.device, args.threads)))
         return
