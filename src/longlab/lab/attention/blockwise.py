@@ -18,8 +18,9 @@ from longlab.method import check_range
 @dataclass(frozen=True)
 class Blockwise(LabAttention):
     """Blockwise self-attention (Qiu et al., 2020, "Blockwise Self-Attention for Long Document
-    Understanding" (BlockBERT), §3, blockwise multi-head attention): the sequence is cut into blocks of ``block`` tokens and
-    each head keeps one key block per query block, block (i, pi(i)) for a permutation pi per head:
+    Understanding" (BlockBERT), §3, blockwise multi-head attention): the sequence is cut into blocks
+    of ``block`` tokens and each head keeps one key block per query block, block (i, pi(i)) for a
+    permutation pi per head:
     the identity, or the shift by one block (the paper's permutations are shifts). Causal version
     (longlab's): the identity heads attend their own block causally; the last ``shifted_heads``
     heads attend the whole previous block, pi(i) = i - 1, and block 0 — whose shift would wrap round
