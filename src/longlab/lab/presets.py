@@ -23,6 +23,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "efficient": (
         "rope",
         "rope+sliding",
+        "rope+dilated",
+        "rope+longformer",
+        "rope+bigbird",
+        "rope+longnet",
+        "rope+blockwise",
         "rope+linear",
         "rope+performer",
         "rope+cosformer",

@@ -1,15 +1,20 @@
 """The lab's attention components, one per module; importing this package registers them all."""
 
 from longlab.lab.attention import (  # noqa: F401
+    bigbird,
+    blockwise,
     cla,
     cosformer,
     cumulative_average,
     differential,
+    dilated,
     full,
     gqa,
     infini,
     landmark,
     linear,
+    longformer,
+    longnet,
     memorizing,
     moving_average,
     mqa,
