@@ -207,3 +207,39 @@ def test_the_model_trains(spec):
 def test_bad_parameters_are_refused(spec, message):
     with pytest.raises(SpecError, match=message):
         model_spec(spec)
+
+
+def test_xl_layer_projects_its_memory_from_stop_gradient_hidden_states():
+    """One lab attention layer with ``xl`` against XL's recurrence written per segment: memory keys and
+    values are W_k SG(h), W_v SG(h) of the preceding tokens, so the gradient reaches the projection
+    weights through the memory but never the earlier tokens' hidden states (Dai et al., 2019, §3.2)."""
+    from longlab.lab.model import Attention, Size
+    from longlab.lab.positions.nope import NoPE
+
+    torch.manual_seed(3)
+    size, segment, memory, t = Size(d_model=8, layers=1, heads=2, mlp=8), 4, 3, 11
+    shape = ModelShape(d_model=8, heads=2, head_dim=4, train_length=8)
+    layer = Attention(size, NoPE().build(shape), component(f"xl:segment={segment},memory={memory}").build(shape, 0))
+    layer = layer.double()
+    x = torch.randn(1, t, 8, dtype=torch.float64, requires_grad=True)
+    ours = layer(x, torch.arange(t))
+
+    w_q, w_k, w_v = layer.qkv.weight.split(8)
+    heads = lambda y: y.view(y.shape[0], -1, 2, 4).transpose(1, 2)  # noqa: E731
+    outs = []
+    for start in range(0, t, segment):
+        end, first = min(start + segment, t), max(0, start - memory)
+        now, before = x[:, start:end], x[:, first:start].detach()  # SG(m): the earlier hidden states
+        q = heads(now @ w_q.T)
+        k = heads(torch.cat([before, now], 1) @ w_k.T)
+        v = heads(torch.cat([before, now], 1) @ w_v.T)
+        mask = torch.ones(end - start, end - first, dtype=torch.bool).tril(start - first)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    reference = layer.out(torch.cat(outs, 2).transpose(1, 2).reshape(1, t, 8))
+
+    torch.testing.assert_close(ours, reference)
+    grad = torch.randn_like(ours)
+    mine = torch.autograd.grad(ours, (x, layer.qkv.weight), grad)
+    theirs = torch.autograd.grad(reference, (x, layer.qkv.weight), grad)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)

@@ -72,9 +72,20 @@ class Attention(nn.Module):
             y = position.attend(q, k, v, positions, self.layer)
         elif position.has_bias:
             y = biased_attention(q, k, v, positions, position.bias, position.bias_params())
+        elif self.attend.remembers_detached:
+            y = self.attend(q, k, v, positions, remembered=self._detached_kv(x, positions))
         else:
             y = self.attend(q, k, v, positions)
         return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+    def _detached_kv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V projected (and K rotated) from the stop-gradient input: the same values as k, v, but
+        gradients reach only the projection weights, never the earlier tokens' hidden states."""
+        b, t, _ = x.shape
+        width = self.kv_heads * self.head_dim
+        kv = F.linear(x.detach(), self.qkv.weight[self.heads * self.head_dim :])
+        k, v = (part.view(b, t, -1, self.head_dim).transpose(1, 2) for part in kv.split([width, width], dim=-1))
+        return self.position[0].rotate(k, positions, key=True), v
 
 
 class Block(nn.Module):

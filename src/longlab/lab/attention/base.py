@@ -50,6 +50,9 @@ class AttentionModule(nn.Module):
     kv_heads: int | None = None  # K/V heads projected; None: one per query head (GQA/MQA set fewer)
     kv_layer: int | None = None  # CLA: the layer whose K/V this one uses (its own: it projects and shares them)
     keeps_kv = True  # whether decoding keeps K/V per token (linear attention keeps a constant state instead)
+    # Transformer-XL's memory is SG(hidden states), projected: such a module also receives
+    # ``remembered=(k, v)`` projected from the detached layer input, so W_k, W_v still learn through it
+    remembers_detached = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

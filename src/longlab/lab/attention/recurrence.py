@@ -32,10 +32,18 @@ def in_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segm
     return out.reshape(b, h, n * segment, v.shape[-1])[:, :, :t]
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: int, memory: int) -> torch.Tensor:
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment: int,
+    memory: int,
+    remembered: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Causal attention of q, k, v (B, H, T, d) cut into segments of ``segment`` tokens: a query of
     the segment starting at s sees the segment's keys up to itself and the ``memory`` keys/values
-    before s (s - memory .. s - 1), detached. Every segment is one (segment) x (memory + segment)
+    before s (s - memory .. s - 1), read from ``remembered`` (k, v computed from stop-gradient hidden
+    states, equal in value to k, v) or, without it, from k, v detached. Every segment is one (segment) x (memory + segment)
     score block, all blocks in one batched call, so memory is O(T (memory + segment)), never T x T."""
     if not memory:
         return in_segment_attention(q, k, v, segment)
@@ -50,16 +58,17 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     rows = torch.arange(segment, device=q.device)
     allowed = (rows[None, :] <= rows[:, None]).expand(count, segment, segment)  # causal inside a segment
 
-    # Stop-gradient (Dai et al., 2019, eq. for h~ = [SG(m), h]): the next segment reads these
-    # keys/values but sends no gradient back through them.
-    def remembered(x: torch.Tensor) -> torch.Tensor:
+    def window(x: torch.Tensor) -> torch.Tensor:
         # zeros before the sequence, so segment n's window [n*segment - memory, n*segment) is a
         # strided slice; the pre-sequence zeros are masked out below
-        padded = F.pad(x.detach(), (0, 0, memory, pad))
+        padded = F.pad(x, (0, 0, memory, pad))
         return padded.unfold(2, memory, segment)[:, :, :count].transpose(-1, -2)
 
-    ks = torch.cat([remembered(k), ks], dim=3)
-    vs = torch.cat([remembered(v), vs], dim=3)
+    # Stop-gradient (Dai et al., 2019, eq. for h~ = [SG(m), h]): the next segment reads these
+    # keys/values but sends no gradient back into the tokens they came from.
+    memory_k, memory_v = remembered if remembered is not None else (k.detach(), v.detach())
+    ks = torch.cat([window(memory_k), ks], dim=3)
+    vs = torch.cat([window(memory_v), vs], dim=3)
     starts = torch.arange(count, device=q.device) * segment
     before = starts[:, None] - memory + torch.arange(memory, device=q.device)[None, :] >= 0
     allowed = torch.cat([before[:, None, :].expand(count, segment, memory), allowed], dim=2)

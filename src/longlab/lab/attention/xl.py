@@ -33,9 +33,9 @@ class XL(LabAttention):
 
     Positions: the position component's (RoPE rotates q and k by absolute position, so q.k depends on
     the offset only, which is what XL's own relative encoding (§3.3) ensures); XL's relative encoding
-    is not used. Known difference: SG is applied to the projected keys/values (the module sees only
-    those), so the projection weights receive no gradient through memory keys/values, whereas XL
-    projects SG(m) and W_k, W_v do get that gradient. Defaults: segment 32 (a quarter of the lab's
+    is not used. SG applies to the hidden states, as in XL: inside the lab model the memory keys/values
+    are projected from the detached layer input (``remembered``), so W_k and W_v still learn through
+    them; called alone on (q, k, v), the module detaches k and v themselves. Defaults: segment 32 (a quarter of the lab's
     training length), memory 32 (= segment, as mem_len = tgt_len in XL's base configurations)."""
 
     name = "xl"
@@ -51,9 +51,18 @@ class XL(LabAttention):
 
 
 class XLAttention(AttentionModule):
+    remembers_detached = True
+
     def __init__(self, segment: int, memory: int):
         super().__init__()
         self.segment, self.memory = segment, memory
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return segment_attention(q, k, v, self.segment, self.memory)
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        remembered: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return segment_attention(q, k, v, self.segment, self.memory, remembered)
