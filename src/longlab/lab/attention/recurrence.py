@@ -43,8 +43,9 @@ def segment_attention(
     """Causal attention of q, k, v (B, H, T, d) cut into segments of ``segment`` tokens: a query of
     the segment starting at s sees the segment's keys up to itself and the ``memory`` keys/values
     before s (s - memory .. s - 1), read from ``remembered`` (k, v computed from stop-gradient hidden
-    states, equal in value to k, v) or, without it, from k, v detached. Every segment is one (segment) x (memory + segment)
-    score block, all blocks in one batched call, so memory is O(T (memory + segment)), never T x T."""
+    states, equal in value to k, v) or, without it, from k, v detached. Every segment is one
+    (segment) x (memory + segment) score block, all blocks in one batched call, so memory is
+    O(T (memory + segment)), never T x T."""
     if not memory:
         return in_segment_attention(q, k, v, segment)
     b, h, t, d = q.shape

@@ -35,8 +35,8 @@ class XL(LabAttention):
     the offset only, which is what XL's own relative encoding (§3.3) ensures); XL's relative encoding
     is not used. SG applies to the hidden states, as in XL: inside the lab model the memory keys/values
     are projected from the detached layer input (``remembered``), so W_k and W_v still learn through
-    them; called alone on (q, k, v), the module detaches k and v themselves. Defaults: segment 32 (a quarter of the lab's
-    training length), memory 32 (= segment, as mem_len = tgt_len in XL's base configurations)."""
+    them; called alone on (q, k, v), the module detaches k and v themselves. Defaults: segment 32 (a
+    quarter of the lab's training length), memory 32 (= segment, as mem_len = tgt_len in XL's base configurations)."""
 
     name = "xl"
     segment: int = 32
