@@ -241,5 +241,5 @@ def test_xl_layer_projects_its_memory_from_stop_gradient_hidden_states():
     grad = torch.randn_like(ours)
     mine = torch.autograd.grad(ours, (x, layer.qkv.weight), grad)
     theirs = torch.autograd.grad(reference, (x, layer.qkv.weight), grad)
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=True):
         torch.testing.assert_close(a, b)
