@@ -146,7 +146,9 @@ def write_report(out: Path, config, rows: list[dict]) -> Path:
         "",
         "Peak memory is the CUDA allocator's peak on a GPU, the process's peak resident size on the CPU "
         "(Python and torch included). KV cache bytes/token: keys and values a decoder keeps per token, all "
-        "layers, at the weights' precision (– : no per-token cache, e.g. linear attention's constant state).",
+        "layers, at the weights' precision (– : no per-token cache, e.g. linear attention's constant state); "
+        "a component with a bounded span (sliding window, segments, Transformer-XL's memory) keeps at most "
+        "its span of tokens, at the same bytes per token.",
         "",
         PAPERS,
     ]
