@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from longlab.attention.contextual import contextual_attention
 from longlab.errors import SpecError
 from longlab.lab.components import component, model_spec
 from longlab.lab.model import SIZES, LabModel
+from support.memory import LargestTensor
 
 
 def reference(q, k, v, e, scale):
@@ -104,27 +104,14 @@ def test_the_model_trains_and_every_layers_table_learns():
     assert losses[-1] < losses[0]
 
 
-class _Largest(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.numel = max(self.numel, x.numel())
-        return out
-
-
 def test_no_t_by_t_tensor_is_built():
     t, d, block = 256, 4, 16
     q, k, v = (torch.randn(1, 1, t, d) for _ in range(3))
     e = torch.randn(17, d)
-    with torch.no_grad(), _Largest() as seen:
+    with torch.no_grad(), LargestTensor() as seen:
         contextual_attention(q, k, v, e, block=block)
     # the inputs and the output (t x d) are the largest tensors; blocks are block x max(block, npos)
-    assert seen.numel <= t * d < t * t
+    assert seen.largest <= t * d < t * t
 
 
 def test_devices_follow_the_inputs(strict_device):
