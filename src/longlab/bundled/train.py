@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from longlab.bundled.tokenizer import train_tokenizer
 from longlab.data import synthetic
 from longlab.data.corpus import build_corpus, read_split, token_stream
+from longlab.errors import LonglabError
 
 
 @dataclass(frozen=True)
@@ -210,14 +211,8 @@ def train(out: Path, recipe: Recipe = Recipe(), threads: int | None = None, devi
         model = LlamaForCausalLM(model_config(recipe, tokenizer))
     model.to(device)
     optimizer = make_optimizer(model.parameters(), recipe)
-    checkpoint, start = out / "checkpoint", 0
-    if (checkpoint / "state.pt").exists():
-        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location=device)
-        if state["recipe"] != dataclasses.asdict(recipe):
-            raise ValueError(f"{checkpoint} was trained with another recipe; use a new --out folder")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    checkpoint = out / "checkpoint"
+    start = load_state(checkpoint, model, optimizer, recipe, device)
     model.train()
     log = (out / "log.jsonl").open("a")
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="train", unit="step")
@@ -256,6 +251,19 @@ def save_state(folder: Path, model, optimizer, step: int, recipe) -> None:
              "recipe": dataclasses.asdict(recipe)}  # fmt: skip
     torch.save(state, folder / "state.pt.tmp")
     (folder / "state.pt.tmp").replace(folder / "state.pt")
+
+
+def load_state(folder: Path, model, optimizer, recipe, device: torch.device) -> int:
+    """Resume from ``folder``'s state (as :func:`save_state` writes it): load the model and optimizer
+    and return the step to continue from; 0 when there is none. A state of another recipe is refused."""
+    if not (folder / "state.pt").exists():
+        return 0
+    state = torch.load(folder / "state.pt", weights_only=False, map_location=device)
+    if state.get("recipe") != dataclasses.asdict(recipe):
+        raise LonglabError(f"{folder} was trained with another recipe; use a new --out folder")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
 
 
 def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:

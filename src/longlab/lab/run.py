@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from longlab.bundled.tokenizer import train_tokenizer
-from longlab.bundled.train import Batches, Recipe, learning_rate, make_optimizer
+from longlab.bundled.train import Batches, Recipe, learning_rate, load_state, make_optimizer, save_state
 from longlab.data.corpus import build_corpus, read_split, token_stream
 from longlab.errors import LonglabError
 from longlab.eval import memory
@@ -211,12 +211,7 @@ def train(folder: Path, spec, config: LabConfig, tok, text: np.ndarray, device: 
     recipe = config.recipe(len(tok))
     model = _build(spec, config, len(tok)).to(device)
     optimizer = make_optimizer(model.parameters(), recipe)  # the bundled recipe's AdamW groups, reused
-    start, state_path, log_path = 0, folder / "state.pt", folder / "log.jsonl"
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start, log_path = load_state(folder, model, optimizer, recipe, device), folder / "log.jsonl"
     batches = Batches(recipe, tok, text)
     position = model.model.position
     memory.reset_peak(device)
@@ -244,9 +239,7 @@ def train(folder: Path, spec, config: LabConfig, tok, text: np.ndarray, device: 
             log.write(json.dumps(entry) + "\n")
             log.flush()
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                torch.save(
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, state_path
-                )
+                save_state(folder, model, optimizer, step + 1, recipe)
     torch.save(model.state_dict(), folder / "model.pt")
     steps = [json.loads(line) for line in log_path.read_text().splitlines()]
     steps = {s["step"]: s for s in steps}  # a resumed run may have logged a step twice: keep the last

@@ -158,14 +158,8 @@ def _finetune(out: Path, recipe: FinetuneRecipe, model: str | Path, device: torc
     trained.train()
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = base.make_optimizer(params, recipe)
-    state_dir, start = out / "checkpoint", 0
-    if (state_dir / "state.pt").exists():
-        state = torch.load(state_dir / "state.pt", weights_only=False, map_location=device)
-        if state["recipe"] != dataclasses.asdict(recipe):
-            raise LonglabError(f"{state_dir} was trained with another recipe; use a new --out folder")
-        trained.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    state_dir = out / "checkpoint"
+    start = base.load_state(state_dir, trained, optimizer, recipe, device)
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=f"finetune {recipe.recipe}",
                unit="step", disable=not primary)  # fmt: skip
     sequence_parallel = shard(network, layout=LAYOUT) if ring is not None else contextlib.nullcontext()
