@@ -13,6 +13,7 @@ from longlab.attention.contextual import contextual_attention
 from longlab.errors import SpecError
 from longlab.lab.components import component, model_spec
 from longlab.lab.model import SIZES, LabModel
+from support.lab import train_steps
 from support.memory import LargestTensor
 
 
@@ -91,16 +92,13 @@ def test_the_model_trains_and_every_layers_table_learns():
     model = LabModel(50, SIZES["tiny"], component("cope"), train_length=16)
     ids = torch.randint(0, 50, (4, 33), generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(12):
-        optimizer.zero_grad()
-        loss = model.loss(ids)
-        loss.backward()
+
+    def every_table_learns(model):
         table = model.model.position.embeddings
         assert table.shape == (SIZES["tiny"].layers, 17, SIZES["tiny"].d_model // SIZES["tiny"].heads)
         assert all(bool(g.abs().sum() > 0) for g in table.grad)  # each layer's own table
-        optimizer.step()
-        losses.append(loss.item())
+
+    losses = train_steps(model, ids, optimizer, 12, every_table_learns)
     assert losses[-1] < losses[0]
 
 

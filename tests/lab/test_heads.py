@@ -15,6 +15,7 @@ from longlab.lab.kv_bytes import kv_bytes_per_token
 from longlab.lab.model import SIZES, LabModel, Size
 from longlab.lab.positions.base import ModelShape
 from longlab.lab.report import write_report
+from support.lab import train_steps
 
 SHAPE = ModelShape(d_model=48, heads=6, head_dim=8, train_length=8, layers=2)
 
@@ -208,12 +209,11 @@ def test_the_model_trains(spec):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = IDS[:, :32]
     first = model.loss(ids)
-    for _ in range(15):
-        loss = model.loss(ids)
-        loss.backward()
+
+    def every_weight_learns(model):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-        optimizer.step()
-        optimizer.zero_grad()
+
+    train_steps(model, ids, optimizer, 15, every_weight_learns)
     assert model.loss(ids) < first - 0.5
 
 

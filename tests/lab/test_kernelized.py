@@ -15,6 +15,7 @@ from longlab.lab.attention.performer import draw_seed, orthogonal_features
 from longlab.lab.components import component, model_spec
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.positions.base import ModelShape
+from support.lab import train_steps
 
 T = 23  # not a multiple of the chunks below
 SHAPE = ModelShape(d_model=32, heads=4, head_dim=8, train_length=8, layers=2)
@@ -192,14 +193,11 @@ def test_model_trains(spec):
     model = LabModel(50, SIZES["tiny"], position, train_length=16, attention=attention)
     ids = torch.randint(0, 50, (2, 30))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model.loss(ids)
-        loss.backward()
+
+    def finite_gradients(model):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+
+    losses = train_steps(model, ids, optimizer, 15, finite_gradients)
     assert losses[-1] < losses[0] - 0.5, losses
 
 

@@ -16,6 +16,7 @@ from longlab.lab.attention.memorizing import MemorizingAttention, SegmentAttenti
 from longlab.lab.components import component, model_spec
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.positions.base import ModelShape
+from support.lab import train_steps
 
 SHAPE = ModelShape(d_model=12, heads=3, head_dim=4, train_length=8, layers=2)
 
@@ -178,13 +179,7 @@ def test_the_model_trains(spec):
     model = LabModel(50, SIZES["tiny"], position, train_length=16, attention=attention)
     ids = torch.randint(0, 50, (2, 40))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model.loss(ids)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, optimizer, 15)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5
     gates = [p for n, p in model.named_parameters() if n.endswith(("beta", "gate"))]
     assert gates and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)

@@ -17,6 +17,7 @@ from longlab.lab.components import component, model_spec
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.positions.base import ModelShape
 from longlab.lab.presets import PRESETS
+from support.lab import train_steps
 
 SHAPE = ModelShape(d_model=16, heads=4, head_dim=4, train_length=8, layers=2)
 
@@ -237,15 +238,12 @@ def test_the_model_trains(spec):
     ids = torch.randint(0, 40, (4, 32))
     assert model.model(ids).last_hidden_state.shape == (4, 32, 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(25):
-        loss = model.loss(ids)
-        loss.backward()
+
+    def memory_learns(model):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
         assert model.model.runner.parameters().__next__().grad.abs().sum() > 0  # memory / landmark learn
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+
+    losses = train_steps(model, ids, optimizer, 25, memory_learns)
     assert losses[-1] < 0.8 * losses[0]
 
 

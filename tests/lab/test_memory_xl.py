@@ -18,6 +18,7 @@ from longlab.lab.attention.moving_average import MovingAverageState
 from longlab.lab.components import component, model_spec
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.positions.base import ModelShape
+from support.lab import train_steps
 
 SHAPE = ModelShape(d_model=16, heads=4, head_dim=4, train_length=8, layers=2)
 T = 23
@@ -185,11 +186,7 @@ def test_the_model_trains(spec):
     ids = torch.randint(0, 50, (4, 32))
     model, first = _loss(spec, ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(15):
-        optimizer.zero_grad()
-        loss = model.loss(ids)
-        loss.backward()
-        optimizer.step()
+    train_steps(model, ids, optimizer, 15)
     assert all(p.grad is not None for p in model.parameters())
     assert model.loss(ids).item() < first.item() - 0.5
 

@@ -15,6 +15,7 @@ from longlab.errors import SpecError
 from longlab.lab.components import component, model_spec
 from longlab.lab.model import SIZES, LabModel
 from longlab.lab.positions.base import ModelShape
+from support.lab import train_steps
 
 HEADS = 4
 SHAPE = ModelShape(d_model=16, heads=HEADS, head_dim=4, train_length=8, layers=2)
@@ -210,15 +211,12 @@ def test_the_model_trains_with_each_pattern(spec):
     model = LabModel(50, SIZES["tiny"], position, train_length=16, attention=attention)
     ids = torch.randint(0, 50, (2, 40))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    first = None
-    for _ in range(5):
-        loss = model.loss(ids)
-        optimizer.zero_grad()
-        loss.backward()
-        assert torch.isfinite(loss) and all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
-        optimizer.step()
-        first = loss.item() if first is None else first
-    assert model.loss(ids).item() < first
+
+    def finite_gradients(model):
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+    losses = train_steps(model, ids, optimizer, 5, finite_gradients)
+    assert all(math.isfinite(x) for x in losses) and model.loss(ids).item() < losses[0]
 
 
 @pytest.mark.parametrize(
