@@ -42,6 +42,6 @@ class SlidingAttention(AttentionModule):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # q and k arrive rotated by the position component: the kernel's own rotation is the identity
-        still = FrequencyTable(torch.zeros(q.shape[-1] // 2, dtype=torch.float32, device="cpu"))
+        still = FrequencyTable(torch.zeros(q.shape[-1] // 2, dtype=torch.float32, device=q.device))
         pos = positions[None]
         return segmented_attention(q, k, v, pos, pos, (Segment(0, self.window),), still, 1 / math.sqrt(q.shape[-1]))
